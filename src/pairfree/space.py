@@ -1,0 +1,148 @@
+"""A pretrained space: unpaired, L2-normalised embeddings of each of its modalities."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Mapping, Union
+
+import numpy as np
+
+ArrayLike = Union[np.ndarray, "torch.Tensor", str, Path]  # noqa: F821
+
+_CHECK_ROWS = 65536  # validate / normalise in chunks so memory-mapped arrays are never loaded whole
+_NORM_TOL = 1e-3
+
+
+class SpaceError(ValueError):
+    """Invalid embeddings handed to pairfree; the message names the space, modality and problem."""
+
+
+def as_array(x: ArrayLike, where: str) -> np.ndarray:
+    """numpy view of x without copying; `.npy` paths are memory-mapped (never unpickled)."""
+    if isinstance(x, (str, Path)):
+        path = Path(x)
+        if not path.exists():
+            raise SpaceError(f"{where}: file {path} does not exist")
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise SpaceError(f"{where}: {path} is not a plain numeric .npy array ({e})") from e
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch here
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        x = x.numpy()
+    if not isinstance(x, np.ndarray):
+        raise SpaceError(f"{where}: expected a numpy array, torch tensor or .npy path, got {type(x).__name__}")
+    return x
+
+
+def normalized(x: ArrayLike, where: str) -> np.ndarray:
+    """Validated float32 L2-normalised rows; the input is returned as is (no copy) when it already is."""
+    a = as_array(x, where)
+    if a.ndim != 2:
+        raise SpaceError(f"{where}: expected a 2-D array (rows x dim), got shape {tuple(a.shape)}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise SpaceError(f"{where}: empty array of shape {tuple(a.shape)}")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise SpaceError(f"{where}: expected floating-point embeddings, got dtype {a.dtype}")
+    already = a.dtype == np.float32
+    for start in range(0, a.shape[0], _CHECK_ROWS):
+        chunk = np.asarray(a[start : start + _CHECK_ROWS], dtype=np.float32)
+        bad = ~np.isfinite(chunk).all(axis=1)
+        if bad.any():
+            raise SpaceError(f"{where}: row {start + int(np.argmax(bad))} contains NaN or inf")
+        norms = np.linalg.norm(chunk, axis=1)
+        zero = norms < 1e-12
+        if zero.any():
+            raise SpaceError(f"{where}: row {start + int(np.argmax(zero))} is all zeros (cannot be L2-normalised)")
+        already = already and bool(np.all(np.abs(norms - 1.0) < _NORM_TOL))
+    if already:
+        return a
+    out = np.empty(a.shape, dtype=np.float32)
+    for start in range(0, a.shape[0], _CHECK_ROWS):
+        chunk = np.asarray(a[start : start + _CHECK_ROWS], dtype=np.float32)
+        out[start : start + len(chunk)] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    return out
+
+
+def fingerprint(a: np.ndarray) -> str:
+    """Content hash of an array (shape, dtype and bytes), for caches keyed on inputs."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((a.shape, str(a.dtype))).encode())
+    for start in range(0, a.shape[0], _CHECK_ROWS):
+        h.update(np.ascontiguousarray(a[start : start + _CHECK_ROWS]).tobytes())
+    return h.hexdigest()
+
+
+class Space:
+    """One pretrained contrastive space (CLIP, CLAP, ULIP-2, ...) and its embeddings per modality.
+
+    Rows of different modalities are *not* paired. Embeddings are validated and L2-normalised on
+    entry; float32 arrays that already have unit rows (e.g. memory-mapped `.npy` stores) are kept
+    without copying.
+    """
+
+    def __init__(self, name: str, embeddings: Mapping[str, ArrayLike]):
+        if not name or not isinstance(name, str):
+            raise SpaceError(f"space name must be a non-empty string, got {name!r}")
+        if not embeddings:
+            raise SpaceError(f"space {name!r}: no modalities given")
+        self.name = name
+        self._emb: dict[str, np.ndarray] = {}
+        for modality, x in embeddings.items():
+            self._emb[modality] = normalized(x, f"space {name!r}, modality {modality!r}")
+        dims = {m: a.shape[1] for m, a in self._emb.items()}
+        if len(set(dims.values())) != 1:
+            raise SpaceError(f"space {name!r}: modalities have different dimensions {dims}; one space has one dim")
+        self.dim = next(iter(dims.values()))
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self._emb)
+
+    def __getitem__(self, modality: str) -> np.ndarray:
+        if modality not in self._emb:
+            raise SpaceError(f"space {self.name!r} has no modality {modality!r}; it has {list(self._emb)}")
+        return self._emb[modality]
+
+    def __contains__(self, modality: str) -> bool:
+        return modality in self._emb
+
+    def count(self, modality: str) -> int:
+        return int(self[modality].shape[0])
+
+    def fingerprint(self, modality: str) -> str:
+        return fingerprint(self[modality])
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{m}: {a.shape[0]}" for m, a in self._emb.items())
+        return f"Space({self.name!r}, dim={self.dim}, {rows})"
+
+
+def check_overlap(x: Space, y: Space, overlap: str) -> None:
+    """The overlap modality must exist in both spaces with rows aligned 1:1 (same raw samples)."""
+    for s in (x, y):
+        if overlap not in s:
+            raise SpaceError(
+                f"overlap modality {overlap!r} is missing from space {s.name!r} (it has {list(s.modalities)})"
+            )
+    if x.count(overlap) != y.count(overlap):
+        raise SpaceError(
+            f"overlap {overlap!r} rows are not aligned: space {x.name!r} has {x.count(overlap)} rows, "
+            f"space {y.name!r} has {y.count(overlap)}; row i must be the same raw sample in both"
+        )
+    if x.name == y.name:
+        raise SpaceError(f"the two spaces need different names, both are {x.name!r}")
+
+
+def other_modality(space: Space, overlap: str) -> str:
+    """The single non-overlap modality of a space used in a connection."""
+    others = [m for m in space.modalities if m != overlap]
+    if len(others) != 1:
+        raise SpaceError(
+            f"space {space.name!r} must hold the overlap {overlap!r} and exactly one other modality, "
+            f"it holds {list(space.modalities)}"
+        )
+    return others[0]
