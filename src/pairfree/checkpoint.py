@@ -29,6 +29,8 @@ def save_model(path: str | Path, module: torch.nn.Module, meta: dict[str, Any]) 
 def read_model(path: str | Path, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(meta, state dict) of a saved model folder, with errors that name the file and the problem."""
     path = Path(path)
+    if not (path / CONFIG).exists() and (path / "model" / CONFIG).exists():  # a run folder
+        path = path / "model"
     cfg_file, w_file = path / CONFIG, path / WEIGHTS
     for f in (cfg_file, w_file):
         if not f.exists():

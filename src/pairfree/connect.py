@@ -31,7 +31,7 @@ from torch import nn
 
 from pairfree import losses, train
 from pairfree.checkpoint import load_state_strict, read_model, read_official, save_model
-from pairfree.memory import cached_aggregate
+from pairfree.memory import as_tensor, cached_aggregate
 from pairfree.projector import PRESETS, init_weights, make_head
 from pairfree.space import Space, check_overlap, other_modality
 
@@ -143,11 +143,11 @@ class CMCR:
         mods = {s.name: other_modality(s, overlap) for s in (x, y)}
         self._build({s.name: {"dim": s.dim, "modalities": [overlap, mods[s.name]]} for s in (x, y)})
         self.overlap = overlap
-        data = {"tx": torch.from_numpy(np.asarray(x[overlap])), "ty": torch.from_numpy(np.asarray(y[overlap]))}
+        data = {"tx": as_tensor(x[overlap]), "ty": as_tensor(y[overlap])}
         t0 = time.perf_counter()
         if cfg.semantic_consistency:
             pp = self.pseudo_pairs(x, y, overlap, cache_dir, progress)
-            data.update(v=torch.from_numpy(pp["v"]), a=torch.from_numpy(pp["a"]))
+            data.update(v=as_tensor(pp["v"]), a=as_tensor(pp["a"]))
         self.timings["aggregation_s"] = time.perf_counter() - t0
         fx, fy = self.heads[x.name], self.heads[y.name]
         joint = cfg.bn == "joint"

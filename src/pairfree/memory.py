@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -27,11 +28,17 @@ from tqdm.auto import tqdm
 Array = "np.ndarray | torch.Tensor"
 
 
+def as_tensor(a) -> torch.Tensor:
+    """Zero-copy tensor view of a (possibly read-only, memory-mapped) array; pairfree never writes to it."""
+    if isinstance(a, torch.Tensor):
+        return a
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": we only read
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+
 def _rows(x, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    block = x[start:stop]
-    if isinstance(block, np.ndarray):
-        block = torch.from_numpy(np.ascontiguousarray(block))
-    return block.to(device=device, dtype=dtype, non_blocking=True)
+    return as_tensor(x[start:stop]).to(device=device, dtype=dtype, non_blocking=True)
 
 
 def _resident(x, device: torch.device, dtype: torch.dtype, max_bytes: int):

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from pairfree.memory import aggregate, aggregate_dense, cached_aggregate
+from tests.conftest import unit
+
+
+@pytest.mark.parametrize("qc,mc", [(4096, 32768), (7, 13), (100, 1)])
+def test_exact_matches_dense(rng, qc, mc):
+    q, m = unit(rng, 300, 24), unit(rng, 700, 24)
+    np.testing.assert_allclose(aggregate(q, m, query_chunk=qc, memory_chunk=mc), aggregate_dense(q, m), atol=2e-5)
+
+
+def test_values_carried_across_aligned_rows(rng):
+    q, keys, vals = unit(rng, 100, 16), unit(rng, 400, 16), unit(rng, 400, 10)
+    a, b = aggregate(q, keys, [keys, vals], memory_chunk=64)
+    np.testing.assert_allclose(a, aggregate_dense(q, keys), atol=2e-5)
+    np.testing.assert_allclose(b, aggregate_dense(q, keys, vals), atol=2e-5)
+
+
+def test_stable_at_tiny_temperature(rng):
+    # scores / tau reach 1e4: a naive exp overflows; log-sum-exp must not
+    q, m = unit(rng, 50, 8), unit(rng, 200, 8)
+    out = aggregate(q, m, tau=1e-4, memory_chunk=17)
+    assert np.isfinite(out).all()
+    nearest = m[np.argmax(q @ m.T, axis=1)]
+    np.testing.assert_allclose(out, nearest, atol=1e-4)
+
+
+def test_topk_close_to_exact_with_small_tau(rng):
+    q, m = unit(rng, 200, 32), unit(rng, 3000, 32)
+    exact = aggregate(q, m)
+    approx = aggregate(q, m, method="topk", k=256, memory_chunk=500)
+    cos = (exact * approx).sum(1)
+    assert cos.min() > 0.999
+
+
+def test_memmap_and_torch_inputs(rng, tmp_path):
+    q, m = unit(rng, 64, 8), unit(rng, 256, 8)
+    np.save(tmp_path / "m.npy", m)
+    mm = np.load(tmp_path / "m.npy", mmap_mode="r")
+    ref = aggregate_dense(q, m)
+    np.testing.assert_allclose(aggregate(torch.from_numpy(q), mm, resident_bytes=0, memory_chunk=50), ref, atol=2e-5)
+
+
+def test_errors(rng):
+    with pytest.raises(ValueError, match="dim 8 but keys have dim 4"):
+        aggregate(unit(rng, 3, 8), unit(rng, 3, 4))
+    with pytest.raises(ValueError, match="values\\[0\\] has 2 rows"):
+        aggregate(unit(rng, 3, 8), unit(rng, 3, 8), [unit(rng, 2, 8)])
+
+
+def test_cache_round_trip(rng, tmp_path):
+    q, m = unit(rng, 30, 8), unit(rng, 90, 8)
+    a = cached_aggregate(tmp_path, q, m, tau=0.01)
+    assert len(list(tmp_path.glob("agg-*.npy"))) == 1
+    b = cached_aggregate(tmp_path, q, m, tau=0.01)
+    np.testing.assert_array_equal(a, b)
+    cached_aggregate(tmp_path, q, m, tau=0.02)
+    assert len(list(tmp_path.glob("agg-*.npy"))) == 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), m=st.integers(1, 90), d=st.integers(1, 12), mc=st.integers(1, 50),
+       tau=st.sampled_from([0.01, 0.1, 1.0]), seed=st.integers(0, 2**16))
+def test_property_matches_dense(n, m, d, mc, tau, seed):
+    r = np.random.default_rng(seed)
+    q, mem = unit(r, n, d), unit(r, m, d)
+    np.testing.assert_allclose(aggregate(q, mem, tau=tau, memory_chunk=mc, query_chunk=7),
+                               aggregate_dense(q, mem, tau=tau), atol=5e-5)
