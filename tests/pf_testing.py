@@ -1,0 +1,22 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# shared helpers for the tests; the module has a unique name because some packages (laion_clap)
+# install a top-level `tests` package into site-packages that would shadow this folder
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def reference(*parts: str) -> Path:
+    """A file under ../shared/reference, or skip the test with the reason."""
+    path = REFERENCE.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the official reference files live in ../shared/reference beside the repo)")
+    return path
