@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from pairfree.cli import main
-from tests.conftest import unit
+from pf_testing import unit
 
 
 @pytest.fixture

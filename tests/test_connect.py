@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import pairfree as pf
 import pairfree.train as train_mod
 from pairfree import losses
-from tests.conftest import reference, unit
+from pf_testing import reference, unit
 
 
 def spaces(rng, n_text=400):

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from pairfree.memory import aggregate, aggregate_dense, cached_aggregate
-from tests.conftest import unit
+from pf_testing import unit
 
 
 @pytest.mark.parametrize("qc,mc", [(4096, 32768), (7, 13), (100, 1)])

@@ -4,7 +4,7 @@ import torch
 
 import pairfree as pf
 from pairfree.space import check_overlap
-from tests.conftest import unit
+from pf_testing import unit
 
 
 def test_normalises_and_keeps_memmap_without_copy(tmp_path, rng):
