@@ -1,0 +1,292 @@
+"""Evaluation of unified spaces on the toy world, and `pairfree ablate` (Ex-MCR's ablation studies).
+
+`evaluate_unified(model, world)` scores any fitted model exposing `embed(space, modality, X)`
+(ExMCR, CMCR, the linear baselines) on the toy world's held-out paired items (`world.test`: row i
+of every array is the same item rendered in every modality and encoded by every tower for it):
+
+- retrieval tasks "<q>_to_<g>": queries = the test items in modality q, gallery = the same items in
+  modality g; the one positive of query i is gallery row i (same item, `positives="index"`; other
+  items of the same concept count as negatives). Each gives {"R@1", "R@5", "mAP"}.
+- "3d_zero_shot": 3d test items classified against the concept prompts `world.classes["clip/text"]`
+  (CLIP text, prompt templates averaged) by their primary concept: {"Acc@1", "Acc@3", "Acc@5"}.
+
+Modalities are embedded through the model as `(space, modality)`: image and text from "clip",
+audio from "clap", 3d from "ulip". A task is left out when the model cannot embed one of its sides
+(C-MCR connects clip and clap only: no 3d tasks; its image<->text goes through the clip head).
+
+`pairfree ablate` reruns the paper's ablations (Tables 3-6: modality-centric data, alignment
+objectives, f_l structure, f_m depth) on the toy world, each row one Ex-MCR CLAP->CLIP fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pairfree.fileio import atomic_path, write_json
+
+#: modality -> (space, modality) in the toy world
+SOURCES = {"image": ("clip", "image"), "text": ("clip", "text"), "audio": ("clap", "audio"), "3d": ("ulip", "3d")}
+RETRIEVAL_TASKS = (
+    ("audio", "image"), ("image", "audio"), ("audio", "text"), ("text", "audio"),
+    ("3d", "image"), ("image", "3d"), ("audio", "3d"), ("3d", "audio"),
+    ("image", "text"), ("text", "image"),
+)
+TASKS = tuple(f"{a}_to_{b}" for a, b in RETRIEVAL_TASKS) + ("3d_zero_shot",)
+RETRIEVAL_KEYS = ("R@1", "R@5", "mAP")
+
+
+def _embedder(model) -> Callable[[str, np.ndarray], np.ndarray | None]:
+    """modality -> unified embedding of the given test rows, or None when the model cannot embed it."""
+
+    def can(space: str, modality: str) -> bool:
+        if hasattr(model, "leaves") and hasattr(model, "base") and isinstance(getattr(model, "base"), dict):
+            if space == model.base.get("name"):
+                return modality in model.base.get("modalities", [])
+            return space in model.leaves and modality in model.leaves[space]["modalities"]
+        spaces = getattr(model, "spaces", {})
+        return space in spaces and modality in spaces[space].get("modalities", [])
+
+    def embed(modality: str, rows: np.ndarray) -> np.ndarray | None:
+        space, mod = SOURCES[modality]
+        return model.embed(space, mod, rows) if can(space, mod) else None
+
+    return embed
+
+
+def evaluate_unified(model, world, tasks: tuple[str, ...] | None = None) -> dict[str, dict[str, float]]:
+    """Scores of a fitted unified space on world.test (module docstring); tasks it cannot do are omitted."""
+    from pairfree import metrics
+
+    want = set(tasks or TASKS)
+    unknown = want - set(TASKS)
+    if unknown:
+        raise ValueError(f"evaluate_unified: unknown tasks {sorted(unknown)}; known: {list(TASKS)}")
+    embed = _embedder(model)
+    z: dict[str, np.ndarray | None] = {}
+    for modality, (space, mod) in SOURCES.items():
+        if any(modality in t.split("_to_") for t in want) or (modality == "3d" and "3d_zero_shot" in want):
+            z[modality] = embed(modality, world.test[f"{space}/{mod}"])
+    out: dict[str, dict[str, float]] = {}
+    done: set[tuple[str, str]] = set()
+    for a, b in RETRIEVAL_TASKS:
+        if f"{a}_to_{b}" not in want and f"{b}_to_{a}" not in want:
+            continue
+        if (a, b) in done or z.get(a) is None or z.get(b) is None:
+            continue
+        res = metrics.paired_retrieval(z[a], z[b], positives="index", ks=(1, 5))
+        done |= {(a, b), (b, a)}
+        for name, r in ((f"{a}_to_{b}", res["a_to_b"]), (f"{b}_to_{a}", res["b_to_a"])):
+            if name in want:
+                out[name] = {k: round(float(r[k]), 4) for k in RETRIEVAL_KEYS}
+    if "3d_zero_shot" in want and z.get("3d") is not None:
+        classes = np.asarray(world.classes["clip/text"])
+        c, t, d = classes.shape
+        class_text = embed("text", classes.reshape(c * t, d))
+        if class_text is not None:
+            acc = metrics.zero_shot(z["3d"], class_text.reshape(c, t, -1), world.test["labels"])
+            out["3d_zero_shot"] = {k: round(float(v), 4) for k, v in acc.items()}
+    return {t: out[t] for t in TASKS if t in out}
+
+
+def chance(world) -> dict[str, float]:
+    """Chance levels of the reported numbers on this world's test set."""
+    n = len(world.test["labels"])
+    n_cls = np.asarray(world.classes["clip/text"]).shape[0]
+    return {"R@1": 1 / n, "R@5": 5 / n, "Acc@1": 1 / n_cls, "Acc@5": 5 / n_cls}
+
+
+def run_exmcr(world, config=None, progress: bool = True, *, leaves: tuple[str, ...] = ("clap", "ulip"),
+              cache_dir: str | Path | None = None, run_dir: str | Path | None = None):
+    """Fit Ex-MCR on the toy world (base clip; leaves clap via text, ulip via image) and evaluate it.
+
+    Returns (model, results, seconds) with seconds = pseudo-data construction + training.
+    """
+    from pairfree.extend import ExMCR, ExMCRConfig
+
+    overlaps = {"clap": "text", "ulip": "image"}
+    t0 = time.perf_counter()
+    model = ExMCR(config or ExMCRConfig()).fit(
+        world.spaces["clip"], {name: (world.spaces[name], overlaps[name]) for name in leaves},
+        cache_dir=cache_dir, run_dir=run_dir, progress=progress)
+    seconds = time.perf_counter() - t0
+    return model, evaluate_unified(model, world), seconds
+
+
+def run_cmcr(world, config=None, progress: bool = True, *, cache_dir: str | Path | None = None):
+    """Fit C-MCR clip+clap (overlap text) on the toy world and evaluate it: (model, results, seconds)."""
+    from pairfree.connect import CMCR, CMCRConfig
+
+    t0 = time.perf_counter()
+    model = CMCR(config or CMCRConfig()).fit(world.spaces["clip"], world.spaces["clap"], "text",
+                                             cache_dir=cache_dir, progress=progress)
+    seconds = time.perf_counter() - t0
+    return model, evaluate_unified(model, world), seconds
+
+
+# ---- ablations ------------------------------------------------------------------------------------
+#: the paper's ablation groups; every row is a set of ExMCRConfig overrides of the default
+GROUPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "data": [(name, {"passes": ",".join(name.split("+"))})
+             for name in ("A", "I", "T", "A+I", "A+T", "I+T", "A+I+T")],
+    "objective": [(name, {"objectives": name}) for name in ("A-T", "T-T", "A-V", "T-V", "dense")],
+    "f_l": [("linear", {"fl": "linear"}), ("1-layer MLP", {"fl": "mlp1"}), ("2-layer MLP", {"fl": "mlp2"})],
+    "f_m": [("linear", {"fm_depth": 0})] + [(f"{k}-layer MLP", {"fm_depth": k}) for k in range(1, 6)],
+}
+#: which row of each group is the default configuration (shared, trained once)
+DEFAULT_ROWS = {"data": "A+I+T", "objective": "dense", "f_l": "linear", "f_m": "2-layer MLP"}
+ABLATE_TASKS = ("audio_to_image", "image_to_audio", "audio_to_text", "text_to_audio")
+ABLATE_DEFAULTS = {"epochs": 12, "batch_size": 1024}
+
+
+def _row_key(overrides: dict[str, Any], base) -> str:
+    cfg = replace(base, **overrides)
+    return json.dumps(asdict(cfg), sort_keys=True)
+
+
+def run_ablations(world, base_config=None, *, cache_dir: str | Path | None = None,
+                  groups: tuple[str, ...] | None = None, progress: Callable[[str], None] | None = None,
+                  ulip_default: bool = True) -> dict[str, Any]:
+    """Fit every ablation row (rows identical to the default are trained once) and score them."""
+    from pairfree.extend import ExMCR, ExMCRConfig
+
+    base = base_config or ExMCRConfig(**ABLATE_DEFAULTS)
+    say = progress or (lambda msg: None)
+    todo = [(g, name, ov) for g in (groups or tuple(GROUPS)) for name, ov in GROUPS[g]]
+    unique: dict[str, dict[str, Any]] = {}
+    for _, _, ov in todo:
+        unique.setdefault(_row_key(ov, base), ov)
+    results: dict[str, dict[str, Any]] = {}
+    t_all = time.perf_counter()
+    for i, (key, ov) in enumerate(unique.items()):
+        t0 = time.perf_counter()
+        model = ExMCR(replace(base, **ov)).fit(world.spaces["clip"], {"clap": (world.spaces["clap"], "text")},
+                                               cache_dir=cache_dir, progress=False)
+        scores = evaluate_unified(model, world, ABLATE_TASKS)
+        results[key] = {"scores": scores, "seconds": round(time.perf_counter() - t0, 2)}
+        say(f"[{i + 1}/{len(unique)}] {ov or 'default'}: audio->image R@1 {scores['audio_to_image']['R@1']:.3f} "
+            f"mAP {scores['audio_to_image']['mAP']:.3f} | audio->text R@1 {scores['audio_to_text']['R@1']:.3f} "
+            f"mAP {scores['audio_to_text']['mAP']:.3f}  ({results[key]['seconds']:.1f}s)")
+    rows = []
+    for g, name, ov in todo:
+        r = results[_row_key(ov, base)]
+        rows.append({"group": g, "variant": name, "overrides": ov, "default": DEFAULT_ROWS[g] == name,
+                     "scores": r["scores"], "seconds": r["seconds"]})
+    out: dict[str, Any] = {"config": asdict(base), "rows": rows, "unique_fits": len(unique)}
+    if ulip_default:
+        t0 = time.perf_counter()
+        model = ExMCR(base).fit(world.spaces["clip"], {"clap": (world.spaces["clap"], "text"),
+                                                       "ulip": (world.spaces["ulip"], "image")},
+                                cache_dir=cache_dir, progress=False)
+        out["ulip_default"] = {"scores": evaluate_unified(model, world), "seconds": round(time.perf_counter() - t0, 2)}
+        say(f"default with both leaves (clap, ulip): {json.dumps(out['ulip_default']['scores'])}")
+    out["seconds"] = round(time.perf_counter() - t_all, 1)
+    out["chance"] = chance(world)
+    return out
+
+
+def summary(scores: dict[str, Any]) -> tuple[float, float, float, float]:
+    """(audio->image R@1, audio->image mAP, audio->text R@1, audio->text mAP) of one row (audio queries)."""
+    return (scores["audio_to_image"]["R@1"], scores["audio_to_image"]["mAP"],
+            scores["audio_to_text"]["R@1"], scores["audio_to_text"]["mAP"])
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Plain-text table of the ablation rows (scores in %, audio queries)."""
+    lines = [f"{'group':<10} {'variant':<14} {'A-I R@1':>8} {'A-I mAP':>8} {'A-T R@1':>8} {'A-T mAP':>8}"]
+    last = None
+    for r in result["rows"]:
+        if last is not None and r["group"] != last:
+            lines.append("")
+        last = r["group"]
+        vals = summary(r["scores"])
+        mark = " *" if r["default"] else ""
+        lines.append(f"{r['group']:<10} {r['variant'] + mark:<14} " + " ".join(f"{100 * v:8.2f}" for v in vals))
+    return "\n".join(lines)
+
+
+def _plot(result: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = list(dict.fromkeys(r["group"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.6), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        rows = [r for r in result["rows"] if r["group"] == g]
+        x = np.arange(len(rows))
+        vals = np.array([summary(r["scores"]) for r in rows]) * 100
+        ax.bar(x - 0.2, vals[:, 1], 0.4, label="audio-image mAP")
+        ax.bar(x + 0.2, vals[:, 3], 0.4, label="audio-text mAP")
+        ax.set_xticks(x, [r["variant"] for r in rows], rotation=40, ha="right", fontsize=8)
+        ax.set_title(g)
+    axes[0][0].set_ylabel("mAP (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from pairfree.extend import ExMCRConfig
+    from pairfree.toy import ToyWorldConfig, make_world
+
+    out = Path(args.out)
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    say(f"toy world: preset {args.preset}, seed {args.seed} (cached under {args.cache_dir})")
+    world = make_world(ToyWorldConfig(seed=args.seed, preset=args.preset), cache_dir=args.cache_dir,
+                       progress=not args.quiet)
+    base = ExMCRConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    say(f"Ex-MCR ablations (CLAP -> CLIP), {args.epochs} epochs, batch {args.batch_size}"
+        + (" (reduced from the paper's 36 x 4096 so the study fits in minutes on a laptop CPU)"
+           if (args.epochs, args.batch_size) == (ABLATE_DEFAULTS["epochs"], ABLATE_DEFAULTS["batch_size"]) else ""))
+    groups = tuple(args.groups.split(",")) if args.groups else None
+    if groups and set(groups) - set(GROUPS):
+        raise ValueError(f"--groups: unknown {sorted(set(groups) - set(GROUPS))}; choose from {list(GROUPS)}")
+    result = run_ablations(world, base, cache_dir=Path(args.cache_dir) / "pool", groups=groups, progress=say,
+                           ulip_default=not args.no_ulip)
+    result["world"] = {"preset": args.preset, "seed": args.seed, "sizes": world.info.get("sizes")}
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    table = format_table(result)
+    write_json(out / "ablate.json", result)
+    with atomic_path(out / "ablate.txt") as tmp:
+        tmp.write_text(table + "\n")
+    plotted = _plot(result, out / "ablate.png")
+    print(table)
+    print(f"\n(* = default; scores in %, audio queries; chance R@1 "
+          f"{100 * result['chance']['R@1']:.2f}%)")
+    print(f"wrote {out / 'ablate.json'}" + (f", {out / 'ablate.png'}" if plotted else "")
+          + f" in {result['total_seconds']:.0f}s")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ablate", help="rerun Ex-MCR's ablation studies on the toy world",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="demo", choices=("small", "demo"), help="toy-world size")
+    p.add_argument("--out", default="runs/ablate", help="folder for ablate.json / ablate.txt / ablate.png")
+    p.add_argument("--epochs", type=int, default=ABLATE_DEFAULTS["epochs"],
+                   help=f"epochs per fit (default {ABLATE_DEFAULTS['epochs']}; the paper trains 36)")
+    p.add_argument("--batch-size", type=int, default=ABLATE_DEFAULTS["batch_size"],
+                   help=f"batch size (default {ABLATE_DEFAULTS['batch_size']}; the paper uses 4096)")
+    p.add_argument("--seed", type=int, default=0, help="toy-world and training seed")
+    p.add_argument("--groups", help=f"comma-separated subset of {list(GROUPS)}")
+    p.add_argument("--no-ulip", action="store_true", help="skip the default fit with both leaves (3d tasks)")
+    p.add_argument("--cache-dir", default=os.environ.get("PAIRFREE_CACHE", ".cache/pairfree"),
+                   help="toy-world and pseudo-data cache")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_ablate)
