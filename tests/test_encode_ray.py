@@ -34,6 +34,7 @@ def local_ray():
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[TinyEncoder.__module__])
 
 
+@pytest.mark.slow  # starts a local Ray cluster
 def test_ray_store_identical_to_local(tmp_path, local_ray):
     _images(tmp_path / "imgs", 23, bad=(3, 17))
     common = dict(encoder=TinyEncoder(), modality="image", batch_size=4, shard_size=6, dtype="float16", progress=False)
