@@ -215,8 +215,23 @@ def _resolve(encoder: EncoderLike, device: str, dtype: str):
 
 
 def _factory(spec: str, device: str, dtype: str) -> Callable[[], Any]:
-    """A picklable zero-argument factory for Ray actors (each loads the model itself)."""
-    return functools.partial(_load_by_spec, spec, device, dtype)
+    """A picklable zero-argument factory for Ray actors (each loads the model itself).
+
+    The registry entry of the spec's kind travels with it, so a kind registered in the driver with
+    `register_encoder` loads in the Ray workers too (their registry only has the built-in kinds).
+    An unknown kind fails here, in the driver, before any actor starts.
+    """
+    from pairfree.encoders import registry
+
+    kind, _ = registry.parse_spec(spec)
+    return functools.partial(_load_in_worker, spec, device, dtype, kind, registry._REGISTRY[kind])
+
+
+def _load_in_worker(spec: str, device: str, dtype: str, kind: str, kind_factory: Callable[..., Any]):
+    from pairfree.encoders import registry
+
+    registry.register_encoder(kind, kind_factory, overwrite=True)
+    return registry.load_encoder(spec, device, dtype)
 
 
 def _identity(x):
