@@ -274,6 +274,21 @@ def test_demo_assets_through_the_pipeline(tmp_path, tiny, name):
         np.testing.assert_allclose(EmbeddingStore.open(tmp_path / modality).array(), tiny.expected(modality, [item]), atol=1e-6)
 
 
+def test_ray_factory_carries_the_registry_entry(tiny):
+    """What a Ray actor receives: a pickled factory that loads a kind registered only in the
+    driver (a worker's registry holds the built-in kinds only); an unknown kind fails at once."""
+    import pickle
+
+    from pairfree.encoders import registry
+
+    factory = pickle.loads(pickle.dumps(E._factory(SPEC, "cpu", "float32")))
+    registry._REGISTRY.pop("test-tiny")  # as in a fresh worker process
+    enc = factory()
+    assert isinstance(enc, TinyEncoder) and enc.id == SPEC
+    with pytest.raises(ValueError, match="unknown encoder kind 'nope'"):
+        E._factory("nope:x", "cpu", "float32")
+
+
 # ------------------------------------------------------------------------------------- kill and resume
 
 _SCRIPT = """

@@ -2,7 +2,6 @@
 
 import sys
 
-import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray", reason="the [ray] extra (ray[data]) is not installed")
@@ -26,8 +25,8 @@ def local_ray():
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[TinyEncoder.__module__])
 
 
-# ~25 s of its own on 2 busy cores (Ray start ~7 s, two Ray Data runs whose actor processes import
-# torch ~8 s each): over "a few seconds", so it runs with `make test-slow`
+# ~28 s of its own on 2 busy cores (Ray start ~8 s, two Ray Data runs with actor processes that
+# import torch ~9 s each): over "a few seconds", so it runs with `make test-slow`
 @pytest.mark.slow
 def test_ray_store_identical_to_local(tmp_path, local_ray):
     from pairfree.encoders import registry
