@@ -30,10 +30,15 @@ __all__ = ["HFCLAPEncoder", "mel_features"]
 
 
 def mel_features(feature_extractor: Any, audio: np.ndarray) -> tuple[np.ndarray, bool]:
-    """One clip -> (mel features (C, T, F) float32, is_longer), by the extractor's own rules."""
-    wave = np.asarray(audio, dtype=np.float32)
+    """One clip -> (mel features (C, T, F) float32, is_longer), by the extractor's own rules.
+
+    The waveform goes in as float64, as `feature_extractor([clip, ...])` converts a list of clips.
+    """
+    wave = np.asarray(audio, dtype=np.float64)
     if wave.ndim != 1 or wave.size == 0:
         raise ValueError(f"audio item: expected a non-empty 1-D mono waveform, got shape {wave.shape}")
+    if not np.isfinite(wave).all():
+        raise ValueError("audio item: the waveform contains NaN or infinite samples")
     if hasattr(feature_extractor, "_get_input_mel"):  # per clip, without the batch-level random flag
         mel, longer = feature_extractor._get_input_mel(
             wave, feature_extractor.nb_max_samples, feature_extractor.truncation, feature_extractor.padding
@@ -48,6 +53,7 @@ class HFCLAPEncoder(Encoder):
     """transformers ClapModel; `from_pretrained` options (revision, cache_dir, ...) pass through."""
 
     modalities = ("audio", "text")
+    sample_rate = 48_000  # the checkpoint's feature extractor's rate once loaded
 
     def __init__(
         self,
@@ -73,7 +79,12 @@ class HFCLAPEncoder(Encoder):
         self.feature_extractor = processor.feature_extractor
         self.sample_rate = int(self.feature_extractor.sampling_rate)
         self.dim = int(model.config.projection_dim)
-        self.max_text_tokens = int(max_text_tokens)
+        self.enable_fusion = bool(getattr(model.config.audio_config, "enable_fusion", False))
+        self.truncation = self.feature_extractor.truncation
+        # RoBERTa positions start after the padding index: n tokens need n + pad_id + 1 positions
+        text_cfg = model.config.text_config
+        positions = int(text_cfg.max_position_embeddings) - int(text_cfg.pad_token_id or 0) - 1
+        self.max_text_tokens = min(int(max_text_tokens), positions)
         self.crop_seed = crop_seed
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 1
 

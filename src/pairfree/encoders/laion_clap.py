@@ -31,6 +31,7 @@ librosa, and against torchaudio where that imports).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -47,7 +48,15 @@ from pairfree.encoders.registry import (
     torch_dtype,
 )
 
-__all__ = ["CHECKPOINTS", "LaionCLAPEncoder", "import_laion_clap", "is_fusion_state", "load_state", "redirect_hub_names"]
+__all__ = [
+    "CHECKPOINTS",
+    "LaionCLAPEncoder",
+    "import_laion_clap",
+    "is_fusion_state",
+    "load_state",
+    "mismatch_report",
+    "redirect_hub_names",
+]
 
 HF_REPO = "lukewys/laion_clap"
 CHECKPOINTS = ("630k-best", "630k-audioset-best", "630k-fusion-best", "630k-audioset-fusion-best")  # upstream ids 0-3
@@ -165,22 +174,50 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
 
 
 def load_state(path: str) -> dict[str, Any]:
-    """The checkpoint's model state dict, read without unpickling arbitrary objects."""
-    import pickle
+    """The checkpoint's model state dict, read without unpickling arbitrary objects.
 
+    Any file that is not a readable PyTorch checkpoint holding a state dict of tensors (truncated,
+    corrupt, a pickle of other objects, a dict of something else) raises ValueError naming it.
+    """
     import torch
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"laion-clap checkpoint {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"laion-clap checkpoint {path}: holds objects other than tensors and plain data: {e}") from e
+    except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
+        raise ValueError(
+            f"laion-clap checkpoint {path}: not a readable PyTorch checkpoint of tensors and plain data "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"laion-clap checkpoint {path}: expected a state dict (or a dict with 'state_dict')")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(
+            f"laion-clap checkpoint {path}: expected a state dict of tensors (or a dict with one under "
+            f"'state_dict'), got {type(ckpt).__name__}"
+        )
     if next(iter(state)).startswith("module."):
         state = {k[len("module.") :]: v for k, v in state.items()}
     state.pop("text_branch.embeddings.position_ids", None)  # a buffer newer transformers no longer save
     return state
+
+
+def mismatch_report(model: Any, state: Mapping[str, Any], limit: int = 3) -> str:
+    """What keeps `state` from loading strictly into `model`: missing / unexpected names, shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)):
+        if items:
+            more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {label} ({'; '.join(items[:limit])}{more})")
+    return ", ".join(parts)
 
 
 def is_fusion_state(state: Mapping[str, Any]) -> bool:
@@ -205,23 +242,39 @@ class LaionCLAPEncoder(Encoder):
         crop_seed: int | None = 0,
     ):
         super().__init__(device=device, dtype=dtype)
-        laion_clap = import_laion_clap(hub_redirects)
+        self.torch_dtype = torch_dtype(dtype)
+        require("torch", "clap")
+        import torch
+
+        _check_installed("laion_clap", "clap")  # before any download or file check; importing it loads tokenizers
         self.path = resolve_checkpoint(path_or_id)
         self.id = f"laion-clap:{os.fspath(path_or_id)}"
-        self.torch_dtype = torch_dtype(dtype)
-        state = load_state(self.path)
+        state = load_state(self.path)  # a bad file fails here, before the slow model build
+        laion_clap = import_laion_clap(hub_redirects)
         self.enable_fusion = is_fusion_state(state) if enable_fusion is None else bool(enable_fusion)
         with redirect_hub_names(hub_redirects):
             module = laion_clap.CLAP_Module(enable_fusion=self.enable_fusion, device="cpu", amodel=amodel)
-        try:
-            module.model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
+        report = mismatch_report(module.model, state)
+        if report:
+            hint = ""
+            if is_fusion_state(state) != self.enable_fusion:
+                kind = "fusion" if is_fusion_state(state) else "non-fusion"
+                hint = f"; the file holds a {kind} checkpoint (leave enable_fusion unset to follow the file)"
             raise ValueError(
                 f"laion-clap checkpoint {self.path} does not fit CLAP_Module(amodel={amodel!r}, "
-                f"enable_fusion={self.enable_fusion}): {e}"
-            ) from e
+                f"enable_fusion={self.enable_fusion}): {report}{hint}"
+            )
+        module.model.load_state_dict(state, strict=True)
         _check_tokenizer(module, self.path)
         self.module = module.to(device=device, dtype=self.torch_dtype).eval()
+        branch = module.model.audio_branch
+        if self.torch_dtype != torch.float32 and hasattr(branch, "logmel_extractor"):
+            # the non-fusion model computes its log-mel inside: kept in float32 (in float16 the
+            # power floor 1e-10 underflows to 0 and zero-padded frames become -inf), as the fusion
+            # path's mel is computed in float32 during preprocessing; its output is then cast
+            branch.spectrogram_extractor.float()
+            branch.logmel_extractor.float()
+            branch.logmel_extractor.register_forward_hook(functools.partial(_cast_output, self.torch_dtype))
         self.audio_cfg = dict(module.model_cfg["audio_cfg"])
         self.sample_rate = int(self.audio_cfg.get("sample_rate", 48_000))
         self.dim = int(module.model.joint_embed_shape)
@@ -242,6 +295,8 @@ class LaionCLAPEncoder(Encoder):
         wave = np.asarray(item, dtype=np.float32)
         if wave.ndim != 1 or wave.size == 0:
             raise ValueError(f"audio item: expected a non-empty 1-D mono waveform, got shape {wave.shape}")
+        if not np.isfinite(wave).all():
+            raise ValueError("audio item: the waveform contains NaN or infinite samples")
         wave = torch.from_numpy(data.int16_to_float32(data.float32_to_int16(wave))).float()
         with fixed_numpy_seed(self.crop_seed):
             features = data.get_audio_features(
@@ -259,15 +314,53 @@ class LaionCLAPEncoder(Encoder):
         return {k: torch.stack([torch.as_tensor(i[k]) for i in items]) for k in items[0]}
 
     def forward(self, modality: str, batch: Any) -> "torch.Tensor":  # noqa: F821
+        import torch
+
         self.check_modality(modality)
         model = self.module.model
         if modality == "text":
             return model.encode_text({k: v.to(self.device) for k, v in batch.items()}, device=self.device)
         inputs = {
-            k: v.to(self.device, self.torch_dtype) if v.is_floating_point() else v.to(self.device)
+            k: v.to(self.device, self.torch_dtype) if v.is_floating_point() and k != "waveform" else v.to(self.device)
             for k, v in batch.items()
-        }
-        return model.audio_projection(model.encode_audio(inputs, device=self.device)["embedding"])
+        }  # the waveform goes to the float32 mel front end
+        with _default_dtype(self.torch_dtype):
+            return model.audio_projection(model.encode_audio(inputs, device=self.device)["embedding"])
+
+
+def _cast_output(dtype: Any, module: Any, inputs: Any, output: Any) -> Any:
+    return output.to(dtype)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: Any) -> Iterator[None]:
+    """Half precision: HTS-AT's fusion patch embedding pads the local features with
+    `torch.zeros(...)` in the default dtype, which would promote them back to float32 ahead of
+    half-precision weights (and fail writing into half-precision tensors); while the audio branch
+    runs, new tensors take the weights' dtype."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    if dtype == previous:
+        yield
+        return
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _check_installed(module: str, extra: str) -> None:
+    """ImportError naming the extra when `module` cannot be imported, without importing it."""
+    import importlib.util
+
+    if module in sys.modules:
+        found = sys.modules[module] is not None
+    else:
+        found = importlib.util.find_spec(module) is not None
+    if not found:
+        raise ImportError(f"{module!r} is not installed: pip install 'pairfree[{extra}]'")
 
 
 def _check_tokenizer(module: Any, path: str) -> None:
