@@ -8,8 +8,10 @@ audio: float32 mono at the feature extractor's rate (48 kHz) -> ClapFeatureExtra
        depend on its batch (and a lone short clip is always flagged). pairfree keeps each clip's
        true flag (as laion_clap does). Crops of clips over 10 s are random upstream; `crop_seed`
        (default 0) fixes them per clip, None restores numpy's global RNG.
+       Mel features are computed from float64 samples, as the extractor does for a list of clips.
 text:  str -> the checkpoint's RoBERTa tokenizer, truncated to `max_text_tokens` (77: the length
-       laion_clap trains and embeds with); `collate` pads to the batch's longest with a mask.
+       laion_clap trains and embeds with; fewer if the model has fewer positions); `collate` pads
+       to the batch's longest with a mask.
 Features are `get_audio_features` / `get_text_features`.
 Note (DESIGN.md §6): laion/clap-htsat-fused was converted from a different file than the papers'
 630k-fusion-best.pt; use "laion-clap:" for the papers' checkpoint.

@@ -25,7 +25,15 @@ and RobertaModel, whose weights the checkpoint then replaces). `hub_redirects={"
 torchaudio: the fusion path computes mel spectrograms with `torchaudio.transforms`. Where
 torchaudio is not installed, the package's module gets a pure-torch stand-in computing the same
 `MelSpectrogram(norm=None, mel_scale="htk")` + `AmplitudeToDB(top_db=None)` (tests check it against
-librosa, and against torchaudio where that imports).
+transformers' numpy `audio_utils` and, in the slow set, librosa).
+
+Bad files: a missing, truncated or corrupt file, one needing arbitrary unpickling, or a state
+dict that does not fit the model (fusion vs non-fusion, missing / extra / reshaped tensors) raises
+an error naming the file and, for a misfit, what differs.
+
+float16 / bfloat16: weights in that dtype; the non-fusion model's internal log-mel front end stays
+float32 (float16 would turn zero-padded frames into -inf) and new tensors created inside the
+audio branch take the weights' dtype (upstream pads with float32 zeros).
 """
 
 from __future__ import annotations
