@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from pairfree.cli import main
+from pairfree.space import normalized
 from pf_testing import unit
 
 
@@ -44,3 +45,23 @@ def test_user_errors_exit_2_with_message(files, capsys):
     (files / "cfg.yaml").write_text("epochz: 3\n")
     assert main(fit_args(files, files / "run", "--config", str(files / "cfg.yaml"))) == 2
     assert "unknown CMCRConfig fields ['epochz']" in capsys.readouterr().err
+
+
+def test_extend_then_embed(files, capsys):
+    """Ex-MCR from the command line: the base passes through unchanged, the leaf is projected."""
+    args = ["extend", "--base", "clip", f"image={files / 'V.npy'}", f"text={files / 'T1.npy'}",
+            "--leaf", "clap:text", f"text={files / 'T2.npy'}", f"audio={files / 'A.npy'}",
+            "--out", str(files / "ex"), "--epochs", "2", "--batch-size", "64", "--quiet",
+            "--cache-dir", str(files / "pool"), "--passes", "T,A"]
+    assert main(args) == 0
+    assert "passes: overlap,leaf" in (files / "ex" / "config.yaml").read_text()
+    for space, mod, src, dim in (("clap", "audio", "A.npy", 16), ("clip", "image", "V.npy", 16)):
+        assert main(["embed", "--model", str(files / "ex"), "--space", space, "--modality", mod,
+                     "--input", str(files / src), "--output", str(files / "z.npy")]) == 0
+        z = np.load(files / "z.npy")
+        assert z.shape == (len(np.load(files / src)), dim)
+    np.testing.assert_array_equal(z, normalized(np.load(files / "V.npy"), "V"))  # the base, bit for bit
+    bad = args[:]
+    bad[bad.index("clap:text")] = "clap:image"
+    assert main(bad) == 2
+    assert "image" in capsys.readouterr().err

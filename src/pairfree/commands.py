@@ -1,7 +1,10 @@
-"""`pairfree fit` and `pairfree embed`: train on `.npy` embeddings, then map new embeddings.
+"""`pairfree fit` (C-MCR), `pairfree extend` (Ex-MCR) and `pairfree embed`, on `.npy` embeddings.
 
     pairfree fit --space clip text=T_clip.npy image=V.npy --space clap text=T_clap.npy audio=A.npy \\
                  --overlap text --out runs/x [--config cmcr.yaml] [--epochs 10 ...]
+    pairfree extend --base clip image=V.npy text=T_clip.npy \\
+                    --leaf clap:text text=T_clap.npy audio=A.npy --leaf ulip:image image=V_ulip.npy 3d=P.npy \\
+                    --out runs/ex [--config exmcr.yaml] [--epochs 10 ...]
     pairfree embed --model runs/x --space clap --modality audio --input A_new.npy --output Z.npy
 
 A run folder holds `config.yaml` (the resolved config), `checkpoints/` (resumed when present),
@@ -62,17 +65,41 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise ValueError(f"C-MCR connects exactly two spaces: give --space twice (got {len(spaces)})")
     config = resolve_config(CMCRConfig, args, args.config)
     out = Path(args.out)
-    if args.restart and (out / "checkpoints").exists():
-        import shutil
-
-        shutil.rmtree(out / "checkpoints")
-    save_yaml(out / "config.yaml", config)
+    _prepare_run(out, args.restart, config)
     model = CMCR(config).fit(spaces[0], spaces[1], args.overlap, run_dir=out / "checkpoints",
                              cache_dir=args.cache_dir, progress=not args.quiet)
     model.save(out / "model")
     write_json(out / "history.json", model.history)
     last = model.history[-1] if model.history else {}
     print(f"saved {out / 'model'}  (epochs {len(model.history)}, final loss {last.get('loss', float('nan')):.4f})")
+    return 0
+
+
+def _prepare_run(out: Path, restart: bool, config) -> None:
+    if restart and (out / "checkpoints").exists():
+        import shutil
+
+        shutil.rmtree(out / "checkpoints")
+    save_yaml(out / "config.yaml", config)
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    from pairfree.extend import ExMCR, ExMCRConfig
+
+    base = parse_space(args.base)
+    leaves = {}
+    for tokens in args.leaf:
+        name, _, overlap = tokens[0].partition(":")
+        space = parse_space([name, *tokens[1:]])
+        leaves[name] = (space, overlap) if overlap else space
+    config = resolve_config(ExMCRConfig, args, args.config)
+    out = Path(args.out)
+    _prepare_run(out, args.restart, config)
+    model = ExMCR(config).fit(base, leaves, run_dir=out / "checkpoints", cache_dir=args.cache_dir,
+                              progress=not args.quiet)
+    model.save(out / "model")
+    write_json(out / "history.json", model.history)
+    print(f"saved {out / 'model'}  (base {base.name}, leaves {', '.join(leaves)})")
     return 0
 
 
@@ -102,6 +129,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true")
     add_config_flags(p, CMCRConfig)
     p.set_defaults(func=cmd_fit)
+
+    from pairfree.extend import ExMCRConfig
+
+    x = sub.add_parser("extend", help="train Ex-MCR: extend a frozen base space with leaf spaces (.npy)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("--base", nargs="+", required=True, metavar="TOKEN", help="NAME MODALITY=PATH ...: the frozen base")
+    x.add_argument("--leaf", nargs="+", action="append", required=True, metavar="TOKEN",
+                   help="NAME[:OVERLAP] MODALITY=PATH ...; once per leaf (OVERLAP inferred when unambiguous)")
+    x.add_argument("--out", required=True, help="run folder")
+    x.add_argument("--config", help="YAML file of config fields (flags override it)")
+    x.add_argument("--cache-dir", default=".cache/pairfree/pool", help="pseudo-data pool cache")
+    x.add_argument("--restart", action="store_true", help="ignore existing checkpoints in the run folder")
+    x.add_argument("--quiet", action="store_true")
+    add_config_flags(x, ExMCRConfig)
+    x.set_defaults(func=cmd_extend)
 
     e = sub.add_parser("embed", help="map embeddings of one space into a trained unified space")
     e.add_argument("--model", required=True, help="run folder or saved model folder")
