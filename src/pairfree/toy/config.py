@@ -71,7 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_audio": 10000,
         "n_3d": 6000,
         "n_test": 1000,
-        "n_train_pairs": 3000,
+        "n_train_pairs": 10000,  # as many true pairs as the image and audio memories have items
         "pretrain_pairs": {"clip": 40000, "clap": 25000, "ulip": 20000},
         "pretrain_epochs": {"clip": 12, "clap": 12, "ulip": 20},
     },
@@ -83,7 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_audio": 2500,
         "n_3d": 2000,
         "n_test": 400,
-        "n_train_pairs": 800,
+        "n_train_pairs": 2500,
         "pretrain_pairs": {"clip": 8000, "clap": 6000, "ulip": 5000},
         "pretrain_epochs": {"clip": 12, "clap": 14, "ulip": 24},
     },
