@@ -248,7 +248,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     say(f"toy world: preset {args.preset}, seed {args.seed} (cached under {args.cache_dir})")
-    world = make_world(ToyWorldConfig(seed=args.seed, preset=args.preset), cache_dir=args.cache_dir,
+    world = make_world(ToyWorldConfig(seed=args.seed, preset=args.preset), cache_dir=Path(args.cache_dir) / "toy",
                        progress=not args.quiet)
     base = ExMCRConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     say(f"Ex-MCR ablations (CLAP -> CLIP), {args.epochs} epochs, batch {args.batch_size}"
