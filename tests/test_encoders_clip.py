@@ -166,3 +166,24 @@ def test_half_precision_stays_close(hf_clip_dir, open_clip_weights):
                 assert z.dtype == np.float32
                 cos = (z * reference[modality]).sum(axis=1)
                 assert cos.min() > 0.99, (spec, modality, dtype, cos)
+
+
+def test_demo_jpegs_through_load_image_and_tiny_clip_encoders(hf_clip_dir, open_clip_weights):
+    """The official demo images (JPEG, up to 1920x1080) through pairfree's loader and both CLIP kinds,
+    each checked against its upstream library on the same decoded images."""
+    import open_clip
+
+    from pairfree.media import load_image
+    from pf_testing import REFERENCE
+
+    if not (REFERENCE / "assets").exists():
+        pytest.skip(f"{REFERENCE} is absent (the official reference files live in ../shared/reference beside the repo)")
+    ims = [load_image(REFERENCE / "assets" / f"{n}.jpeg") for n in ("BBQ", "toilet", "train")]
+    assert all(im.mode == "RGB" for im in ims)
+    ref_img, _ = hf_reference(hf_clip_dir, ims, TEXTS)
+    np.testing.assert_allclose(load_encoder(f"hf-clip:{hf_clip_dir}").encode("image", ims), ref_img, atol=1e-5)
+    model, _, transform = open_clip.create_model_and_transforms(TINY_OPEN_CLIP, pretrained=str(open_clip_weights))
+    with torch.no_grad():
+        ref = model.eval().encode_image(torch.stack([transform(i) for i in ims]), normalize=True).numpy()
+    z = load_encoder(f"open_clip:{TINY_OPEN_CLIP}/{open_clip_weights}").encode("image", ims)
+    np.testing.assert_allclose(z, ref, atol=1e-5)
