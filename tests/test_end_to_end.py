@@ -11,7 +11,8 @@ from pairfree.demo import audio_image_scores
 def world(request):
     from pairfree.toy import ToyWorldConfig, make_world
 
-    cache = request.config.cache.mkdir("pairfree-toyworld")  # shared with test_extend, kept between sessions
+    # the layout run_demo uses (<cache>/toy), shared with test_extend and the demo test, kept between sessions
+    cache = request.config.cache.mkdir("pairfree-cache") / "toy"
     return make_world(ToyWorldConfig(seed=0, preset="small"), cache_dir=cache, progress=False)
 
 
@@ -34,3 +35,26 @@ def test_cmcr_beats_ridge_and_plain_on_audio_image(world):
         assert a2i["cmcr"]["mAP"] > a2i[baseline]["mAP"] + 0.05, (baseline, a2i)
         assert scores["cmcr"]["image_to_audio"]["R@1"] > scores[baseline]["image_to_audio"]["R@1"] + 0.02
     assert a2i["cmcr"]["mAP"] > a2i["procrustes"]["mAP"], a2i  # and the strongest simple baseline
+
+
+def test_demo_report(world, request, tmp_path, capsys):
+    """`pairfree demo` end to end (small world, short schedule): the report.json contract, the plot, the table."""
+    import json
+
+    from pairfree.demo import METHODS, run_demo
+
+    run_demo(tmp_path / "demo", preset="small", epochs=2, batch_size=1024,
+             cache_dir=request.config.cache.mkdir("pairfree-cache"), progress=False)
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert list(report["methods"]) == [*METHODS, "exmcr"]
+    assert report["world"]["key"] == world.info["key"] and report["schedule"] == {"epochs": 2, "batch_size": 1024}
+    for name, r in report["methods"].items():
+        for task in ("audio_to_image", "image_to_audio"):
+            assert set(r[task]) == {"R@1", "R@5", "mAP"} and 0 <= r[task]["R@1"] <= r[task]["R@5"] <= 1, (name, r)
+        assert r["seconds"] >= 0
+    assert report["methods"]["random"]["audio_to_image"]["R@5"] < 0.05  # chance is 5/400
+    assert report["methods"]["exmcr"]["audio_to_3d"]["R@1"] > 0 and "3d_zero_shot" in report["methods"]["exmcr"]
+    assert (tmp_path / "demo" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "cmcr_plain" in out and "audio_to_3d" in out and "report.json" in out
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["report.json", "report.png"]  # no temporaries

@@ -403,8 +403,8 @@ def test_errors_are_clear_and_nothing_is_half_written(rng, tmp_path):
 def toy(request):
     from pairfree.toy import ToyWorldConfig, make_world
 
-    cache = request.config.cache.mkdir("pairfree-toyworld")  # kept between test sessions
-    return make_world(ToyWorldConfig(seed=0, preset="small"), cache_dir=cache, progress=False), cache
+    cache = request.config.cache.mkdir("pairfree-cache")  # kept between test sessions, shared with test_end_to_end
+    return make_world(ToyWorldConfig(seed=0, preset="small"), cache_dir=cache / "toy", progress=False), cache
 
 
 @pytest.mark.slow
