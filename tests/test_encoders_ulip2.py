@@ -14,7 +14,6 @@ import json
 import math
 import pickletools
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,18 +30,7 @@ from pairfree.encoders.pointbert import (
     load_ulip2,
 )
 from pairfree.encoders.ulip2 import ULIP2Encoder, pc_normalize, preprocess_image, preprocess_points, tokenize
-
-# the shared reference folder beside the repo (as tests/conftest.py; not imported from there because an
-# installed distribution - laion_clap - ships a top-level `tests` package that shadows this one)
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-
-
-def reference(*parts: str) -> Path:
-    path = REFERENCE.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent (the official reference files live in ../shared/reference beside the repo)")
-    return path
-
+from pf_testing import REFERENCE, reference
 
 TINY = ULIP2Config(
     num_group=16, group_size=8, enc_conv1=16, enc_conv2=24, enc_conv3=32, encoder_dims=20, pos_hidden=12,
@@ -99,7 +87,10 @@ def tiny(tmp_path_factory):
 
 
 def try_import(name: str):
+    from pairfree.encoders.registry import import_torchvision
+
     try:
+        import_torchvision()  # tolerates a torchvision whose compiled ops do not match this torch
         return __import__(name)
     except Exception as e:  # e.g. a torchvision build that does not match torch raises RuntimeError
         pytest.skip(f"{name} cannot be imported here ({type(e).__name__}: {str(e)[:80]})")

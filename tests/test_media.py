@@ -2,23 +2,12 @@
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pairfree.media import MediaError, fix_length, int16_roundtrip, load_audio, load_image, load_texts
-
-# not `from pf_testing import reference`: laion_clap installs a top-level `tests` package that shadows ours
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-
-
-def reference(*parts: str) -> Path:
-    """A file under ../shared/reference, or skip the test with the reason."""
-    path = REFERENCE.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent (the official reference files live in ../shared/reference beside the repo)")
-    return path
+from pf_testing import REFERENCE, reference
 
 Image = pytest.importorskip("PIL.Image")
 sf = pytest.importorskip("soundfile")
