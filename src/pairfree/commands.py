@@ -68,11 +68,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     _prepare_run(out, args.restart, config)
     model = CMCR(config).fit(spaces[0], spaces[1], args.overlap, run_dir=out / "checkpoints",
                              cache_dir=args.cache_dir, progress=not args.quiet)
-    model.save(out / "model")
-    write_json(out / "history.json", model.history)
     last = model.history[-1] if model.history else {}
-    print(f"saved {out / 'model'}  (epochs {len(model.history)}, final loss {last.get('loss', float('nan')):.4f})")
-    return 0
+    return _finish_run(out, model, f"epochs {len(model.history)}, final loss {last.get('loss', float('nan')):.4f}")
 
 
 def _prepare_run(out: Path, restart: bool, config) -> None:
@@ -81,6 +78,13 @@ def _prepare_run(out: Path, restart: bool, config) -> None:
 
         shutil.rmtree(out / "checkpoints")
     save_yaml(out / "config.yaml", config)
+
+
+def _finish_run(out: Path, model, summary: str) -> int:
+    model.save(out / "model")
+    write_json(out / "history.json", model.history)
+    print(f"saved {out / 'model'}  ({summary})")
+    return 0
 
 
 def cmd_extend(args: argparse.Namespace) -> int:
@@ -97,10 +101,7 @@ def cmd_extend(args: argparse.Namespace) -> int:
     _prepare_run(out, args.restart, config)
     model = ExMCR(config).fit(base, leaves, run_dir=out / "checkpoints", cache_dir=args.cache_dir,
                               progress=not args.quiet)
-    model.save(out / "model")
-    write_json(out / "history.json", model.history)
-    print(f"saved {out / 'model'}  (base {base.name}, leaves {', '.join(leaves)})")
-    return 0
+    return _finish_run(out, model, f"base {base.name}, leaves {', '.join(leaves)}")
 
 
 def cmd_embed(args: argparse.Namespace) -> int:

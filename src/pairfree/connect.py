@@ -20,7 +20,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass
-class CMCRConfig:
+class CMCRConfig(train.TrainConfig):
     """Paper defaults (DESIGN §3); `semantic_consistency=False, semantic_completion=False` is plain C-MCR."""
 
     tau1: float = 0.01  # memory-aggregation softmax temperature
@@ -53,32 +53,16 @@ class CMCRConfig:
     out_dim: int | None = None  # default: the larger input dimension
     init: str = "default"  # "default" | "xavier" | "eye"
     bn: str = "joint"  # "joint" | "separate": do a projector's two inputs share a BatchNorm batch
-    epochs: int = 36
-    batch_size: int = 4096
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    seed: int = 0
-    device: str = "cpu"
-    aggregation: str = "exact"  # "exact" | "topk"
-    aggregation_k: int = 256
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.projector not in PRESETS:
             raise ValueError(f"CMCRConfig.projector must be one of {PRESETS}, got {self.projector!r}")
         if self.bn not in ("joint", "separate"):
             raise ValueError(f"CMCRConfig.bn must be 'joint' or 'separate', got {self.bn!r}")
-        for name in ("tau1", "temperature", "lr", "epochs", "batch_size"):
+        for name in ("tau1", "temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CMCRConfig.{name} must be > 0, got {getattr(self, name)}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "CMCRConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown CMCRConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 def project(head: nn.Module, parts: list[torch.Tensor], joint: bool) -> list[torch.Tensor]:
@@ -168,8 +152,7 @@ class CMCR:
             loss = inter_t + inter_p + cfg.lam * intra
             return loss, {"inter_text": float(inter_t.detach()), "inter_pseudo": float(inter_p.detach()), "intra": float(intra.detach())}
 
-        settings = train.LoopSettings(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay,
-                                      cfg.warmup_steps, cfg.seed, cfg.device)
+        settings = cfg.loop_settings()
         run_key = self._run_key(x, y, overlap)
         t0 = time.perf_counter()
         self.history = train.run(self.heads, data, step, settings, ckpt_dir=run_dir, run_key=run_key,

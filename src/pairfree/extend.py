@@ -57,7 +57,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -106,7 +106,7 @@ def _csv(value: Any, known, field: str, aliases: Mapping[str, tuple[str, ...]] |
 
 
 @dataclass
-class ExMCRConfig:
+class ExMCRConfig(train.TrainConfig):
     """Paper defaults (DESIGN §4); the open points are documented in the module docstring."""
 
     tau1: float = 0.01  # memory-aggregation softmax temperature
@@ -123,17 +123,9 @@ class ExMCRConfig:
     stop_grad: bool = False  # f_m does not back-propagate into f_l
     bn: str = "joint"  # "joint" | "separate": BatchNorm batch of â's and t̂'s inputs in f_m
     normalize_pseudo: bool = True  # re-normalise aggregated embeddings (between hops)
-    epochs: int = 36
-    batch_size: int = 4096
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    seed: int = 0
-    device: str = "cpu"
-    aggregation: str = "exact"  # "exact" | "topk"
-    aggregation_k: int = 256
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.passes = _csv(self.passes, PASSES, "passes", {k: (v,) for k, v in PASS_LETTERS.items()})
         self.objectives = _csv(self.objectives, tuple(OBJECTIVES), "objectives", {"dense": tuple(OBJECTIVES)})
         if self.fl not in FL_KINDS:
@@ -144,12 +136,10 @@ class ExMCRConfig:
             raise ValueError(f"ExMCRConfig.intra must be 'l2' or 'squared', got {self.intra!r}")
         if self.bn not in ("joint", "separate"):
             raise ValueError(f"ExMCRConfig.bn must be 'joint' or 'separate', got {self.bn!r}")
-        if self.aggregation not in ("exact", "topk"):
-            raise ValueError(f"ExMCRConfig.aggregation must be 'exact' or 'topk', got {self.aggregation!r}")
-        for name in ("tau1", "temperature", "lr", "epochs", "batch_size", "hidden_mult"):
+        for name in ("tau1", "temperature", "hidden_mult"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ExMCRConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("lam", "noise_variance", "weight_decay", "warmup_steps"):
+        for name in ("lam", "noise_variance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ExMCRConfig.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -160,14 +150,6 @@ class ExMCRConfig:
     @property
     def objective_list(self) -> list[str]:
         return self.objectives.split(",")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ExMCRConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown ExMCRConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 # ---- projector ---------------------------------------------------------------------------------
@@ -412,8 +394,7 @@ class ExMCR:
         self.timings[f"{name}/pool_rows"] = int(data["c"].shape[0])
         head: DecoupledProjector = self.heads[name]
         step = make_step(head, cfg)
-        settings = train.LoopSettings(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup_steps,
-                                      cfg.seed, cfg.device)
+        settings = cfg.loop_settings()
         t0 = time.perf_counter()
         self.history[name] = train.run(head, data, step, settings, ckpt_dir=run_dir,
                                        run_key=self._run_key(name, roles), desc=f"Ex-MCR {name}->{roles.base.name}",

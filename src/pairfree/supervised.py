@@ -37,8 +37,7 @@ class SupervisedMap(CMCR):
             loss = losses.info_nce(zx, zy, cfg.temperature)
             return loss, {}
 
-        settings = train.LoopSettings(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay,
-                                      cfg.warmup_steps, cfg.seed, cfg.device)
+        settings = cfg.loop_settings()
         data = {"x": as_tensor(X), "y": as_tensor(Y)}
         self.history = train.run(self.heads, data, step, settings, desc="supervised", progress=progress)
         self.heads.cpu().eval()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +34,44 @@ class LoopSettings:
     warmup_steps: int
     seed: int
     device: str = "cpu"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and aggregation fields shared by CMCRConfig and ExMCRConfig (paper defaults)."""
+
+    epochs: int = 36
+    batch_size: int = 4096
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    aggregation: str = "exact"  # "exact" | "topk"
+    aggregation_k: int = 256
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if self.aggregation not in ("exact", "topk"):
+            raise ValueError(f"{name}.aggregation must be 'exact' or 'topk', got {self.aggregation!r}")
+        for field in ("lr", "epochs", "batch_size", "aggregation_k"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{name}.{field} must be > 0, got {getattr(self, field)}")
+        for field in ("weight_decay", "warmup_steps"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{name}.{field} must be >= 0, got {getattr(self, field)}")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config"):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def loop_settings(self) -> LoopSettings:
+        return LoopSettings(self.epochs, self.batch_size, self.lr, self.weight_decay, self.warmup_steps,
+                            self.seed, self.device)
 
 
 def _schedule(total: int, warmup: int) -> Callable[[int], float]:
