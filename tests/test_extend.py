@@ -398,7 +398,7 @@ def test_errors_are_clear_and_nothing_is_half_written(rng, tmp_path):
         pf.CMCR.load(tmp_path / "m")
 
 
-# ---- toy world (slow) --------------------------------------------------------------------------------
+# ---- toy world (small preset, ~20 s) --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def toy(request):
     from pairfree.toy import ToyWorldConfig, make_world
@@ -407,7 +407,6 @@ def toy(request):
     return make_world(ToyWorldConfig(seed=0, preset="small"), cache_dir=cache / "toy", progress=False), cache
 
 
-@pytest.mark.slow
 def test_toy_world_exmcr_vs_cmcr(toy):
     """Ex-MCR keeps base retrieval exactly, beats C-MCR on audio->text, is at least on par on audio->image,
     and gives emergent audio<->3d far above chance (same epochs / batch for both methods)."""
