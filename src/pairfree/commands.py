@@ -115,6 +115,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_flags(p: argparse.ArgumentParser, config_cls, cache_default: str, cache_help: str) -> None:
+    """The flags every training command shares, then one flag per config field."""
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--config", help="YAML file of config fields (flags override it)")
+    p.add_argument("--cache-dir", default=cache_default, help=cache_help)
+    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in the run folder")
+    p.add_argument("--quiet", action="store_true")
+    add_config_flags(p, config_cls)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from pairfree.connect import CMCRConfig
 
@@ -123,12 +133,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space", nargs="+", action="append", required=True, metavar="TOKEN",
                    help="NAME MODALITY=PATH [MODALITY=PATH ...]; give it once per space")
     p.add_argument("--overlap", required=True, help="the modality both spaces share (rows aligned)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--config", help="YAML file of config fields (flags override it)")
-    p.add_argument("--cache-dir", default=".cache/pairfree/aggregate", help="memory-aggregation cache")
-    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in the run folder")
-    p.add_argument("--quiet", action="store_true")
-    add_config_flags(p, CMCRConfig)
+    _add_run_flags(p, CMCRConfig, ".cache/pairfree/aggregate", "memory-aggregation cache")
     p.set_defaults(func=cmd_fit)
 
     from pairfree.extend import ExMCRConfig
@@ -138,12 +143,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--base", nargs="+", required=True, metavar="TOKEN", help="NAME MODALITY=PATH ...: the frozen base")
     x.add_argument("--leaf", nargs="+", action="append", required=True, metavar="TOKEN",
                    help="NAME[:OVERLAP] MODALITY=PATH ...; once per leaf (OVERLAP inferred when unambiguous)")
-    x.add_argument("--out", required=True, help="run folder")
-    x.add_argument("--config", help="YAML file of config fields (flags override it)")
-    x.add_argument("--cache-dir", default=".cache/pairfree/pool", help="pseudo-data pool cache")
-    x.add_argument("--restart", action="store_true", help="ignore existing checkpoints in the run folder")
-    x.add_argument("--quiet", action="store_true")
-    add_config_flags(x, ExMCRConfig)
+    _add_run_flags(x, ExMCRConfig, ".cache/pairfree/pool", "pseudo-data pool cache")
     x.set_defaults(func=cmd_extend)
 
     e = sub.add_parser("embed", help="map embeddings of one space into a trained unified space")
