@@ -356,3 +356,27 @@ def test_sigkill_with_workers_and_resume(tmp_path, tiny):
     assert 0 < partial.count < 47 and not partial.complete
     assert main(_args(tmp_path / "imgs", tmp_path / "run", workers=2)) == 0
     _same_store(tmp_path / "run", tmp_path / "ref")
+
+
+def test_encode_points_skips_a_malicious_pickle_without_running_it(tmp_path, tiny):
+    """A crafted .npy among point clouds: recorded in errors.jsonl, never executed, the run completes."""
+    import os
+
+    class Gadget:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    folder = tmp_path / "clouds"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        np.save(folder / f"c{i}.npy", rng.standard_normal((50, 3)).astype(np.float32))
+    evil = np.empty((), dtype=object)
+    evil[()] = {"xyz": np.zeros((4, 3), np.float16), "x": Gadget()}
+    np.save(folder / "c1_evil.npy", evil, allow_pickle=True)
+    assert main(["encode", "--encoder", SPEC, "--modality", "3d", str(folder), "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    s = EmbeddingStore.open(tmp_path / "s")
+    assert s.complete and len(s.ids) == 3 and not any("evil" in i for i in s.ids)
+    (err,) = s.errors()
+    assert err["id"].endswith("c1_evil.npy") and "refusing to load posix.system" in err["reason"], err
+    assert not (tmp_path / "pwned").exists()
