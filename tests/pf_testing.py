@@ -20,3 +20,13 @@ def reference(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (the official reference files live in ../shared/reference beside the repo)")
     return path
+
+
+def assert_imports_nothing_heavy(statement: str, heavy: tuple[str, ...]) -> None:
+    """Run `statement` in a fresh interpreter and fail if it imported any of `heavy`."""
+    import subprocess
+    import sys
+
+    code = f"import sys; {statement}; heavy = [m for m in {heavy!r} if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -20,12 +20,11 @@ import copy
 import importlib.util
 import json
 import pickle
-import subprocess
 import sys
 
 import numpy as np
 import pytest
-from pf_testing import reference
+from pf_testing import assert_imports_nothing_heavy, reference
 
 from pairfree.encoders.registry import import_torchvision, load_encoder
 
@@ -493,13 +492,8 @@ def test_demo_wavs_through_load_audio_and_tiny_clap(laion, hf_clap):
 
 
 def test_clap_modules_import_nothing_heavy():
-    code = (
-        "import sys, pairfree.encoders.hf_clap, pairfree.encoders.laion_clap;"
-        "heavy = [m for m in ('torch', 'transformers', 'laion_clap', 'torchvision', 'librosa') if m in sys.modules];"
-        "print(heavy); sys.exit(1 if heavy else 0)"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert_imports_nothing_heavy("import pairfree.encoders.hf_clap, pairfree.encoders.laion_clap",
+                                 ("torch", "transformers", "laion_clap", "torchvision", "librosa"))
 
 
 # ---------------------------------------------------------------------------- real HTSAT-tiny (slow)

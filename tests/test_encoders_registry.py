@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import numpy as np
@@ -17,6 +16,7 @@ from pairfree.encoders.registry import (
     parse_spec,
     register_encoder,
 )
+from pf_testing import assert_imports_nothing_heavy
 
 
 class Fake(Encoder):
@@ -124,13 +124,8 @@ def test_ulip2_routes_to_ulip2_encoder_with_options(monkeypatch):
 
 
 def test_registry_imports_nothing_heavy():
-    code = (
-        "import sys, pairfree.encoders.registry as r; r.available_kinds(); r.parse_spec('hf-clip:x');"
-        "heavy = [m for m in ('torch', 'transformers', 'open_clip', 'laion_clap', 'torchvision') if m in sys.modules];"
-        "print(heavy); sys.exit(1 if heavy else 0)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert_imports_nothing_heavy("import pairfree.encoders.registry as r; r.available_kinds(); r.parse_spec('hf-clip:x')",
+                                 ("torch", "transformers", "open_clip", "laion_clap", "torchvision"))
 
 
 def test_fixed_numpy_seed_is_reproducible_and_restores_the_global_rng():

@@ -57,6 +57,12 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _check_digest(path: Path, expected: str, field: str) -> None:
+    digest = sha256_file(path)
+    if digest != expected:
+        raise StoreError(f"{path}: field {field!r} mismatch (manifest {expected[:16]}..., file {digest[:16]}...)")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -175,9 +181,7 @@ class EmbeddingStore:
         if not fpath.is_file():
             raise StoreError(f"{fpath}: missing ({what} listed in {MANIFEST})")
         if verify:
-            digest = sha256_file(fpath)
-            if digest != entry["sha256"]:
-                raise StoreError(f"{fpath}: field 'sha256' mismatch (manifest {entry['sha256'][:16]}..., file {digest[:16]}...)")
+            _check_digest(fpath, entry["sha256"], "sha256")
         try:
             a = np.load(fpath, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as e:
@@ -195,9 +199,7 @@ class EmbeddingStore:
         if not ipath.is_file():
             raise StoreError(f"{ipath}: missing (ids listed in {MANIFEST})")
         if verify:
-            digest = sha256_file(ipath)
-            if digest != s["ids_sha256"]:
-                raise StoreError(f"{ipath}: field 'ids_sha256' mismatch (manifest {s['ids_sha256'][:16]}..., file {digest[:16]}...)")
+            _check_digest(ipath, s["ids_sha256"], "ids_sha256")
         try:
             n = len(_decode_ids(ipath.read_bytes()))
         except ValueError as e:
