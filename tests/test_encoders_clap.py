@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 from pf_testing import assert_imports_nothing_heavy, reference
 
-from pairfree.encoders.registry import import_torchvision, load_encoder
+from pairfree.encoders.common import import_torchvision
+from pairfree.encoders.registry import load_encoder
 
 try:
     import_torchvision()  # before transformers / laion_clap import torchvision themselves

@@ -15,7 +15,8 @@ import pickle
 import numpy as np
 import pytest
 
-from pairfree.encoders.registry import import_torchvision, load_encoder  # noqa: E402
+from pairfree.encoders.common import import_torchvision
+from pairfree.encoders.registry import load_encoder  # noqa: E402
 
 try:
     import_torchvision()  # before transformers / open_clip import torchvision themselves

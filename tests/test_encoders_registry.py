@@ -9,13 +9,8 @@ import pytest
 
 from pairfree.encoders import registry
 from pairfree.encoders.base import Encoder
-from pairfree.encoders.registry import (
-    available_kinds,
-    fixed_numpy_seed,
-    load_encoder,
-    parse_spec,
-    register_encoder,
-)
+from pairfree.encoders.common import fixed_numpy_seed
+from pairfree.encoders.registry import available_kinds, load_encoder, parse_spec, register_encoder
 from pf_testing import assert_imports_nothing_heavy
 
 

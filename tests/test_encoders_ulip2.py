@@ -87,7 +87,7 @@ def tiny(tmp_path_factory):
 
 
 def try_import(name: str):
-    from pairfree.encoders.registry import import_torchvision
+    from pairfree.encoders.common import import_torchvision
 
     try:
         import_torchvision()  # tolerates a torchvision whose compiled ops do not match this torch

@@ -26,7 +26,7 @@ import numpy as np
 
 from pairfree.encoders.base import Encoder
 from pairfree.encoders.hf_clip import model_features, pad_token_batch, tokenize_ids
-from pairfree.encoders.registry import fixed_numpy_seed, import_torchvision, require, torch_dtype
+from pairfree.encoders.common import fixed_numpy_seed, import_torchvision, require, torch_dtype
 
 __all__ = ["HFCLAPEncoder", "mel_features"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pairfree.encoders.base import Encoder
-from pairfree.encoders.registry import import_torchvision, require, torch_dtype
+from pairfree.encoders.common import import_torchvision, require, torch_dtype
 
 __all__ = ["HFCLIPEncoder", "model_features", "pad_token_batch", "tokenize_ids"]
 

@@ -48,7 +48,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from pairfree.encoders.base import Encoder
-from pairfree.encoders.registry import (
+from pairfree.encoders.common import (
     fixed_numpy_seed,
     import_torchaudio,
     import_torchvision,

@@ -18,7 +18,7 @@ import numpy as np
 
 from pairfree.encoders.base import Encoder
 from pairfree.encoders.hf_clip import as_rgb
-from pairfree.encoders.registry import import_torchvision, require, torch_dtype
+from pairfree.encoders.common import import_torchvision, require, torch_dtype
 
 __all__ = ["OpenCLIPEncoder", "split_model_pretrained"]
 
