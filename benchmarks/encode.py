@@ -15,7 +15,6 @@ in the same run; nothing asserts on absolute times.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile

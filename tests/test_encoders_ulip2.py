@@ -30,7 +30,7 @@ from pairfree.encoders.pointbert import (
     load_ulip2,
 )
 from pairfree.encoders.ulip2 import ULIP2Encoder, pc_normalize, preprocess_image, preprocess_points, tokenize
-from pf_testing import REFERENCE, reference
+from pf_testing import reference
 
 TINY = ULIP2Config(
     num_group=16, group_size=8, enc_conv1=16, enc_conv2=24, enc_conv3=32, encoder_dims=20, pos_hidden=12,

@@ -4,7 +4,7 @@ import pytest
 
 import pairfree as pf
 from pairfree.baselines import ProcrustesMap, RidgeMap
-from pairfree.demo import audio_image_scores
+from pairfree.cli.demo import audio_image_scores
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_demo_report(world, request, tmp_path, capsys):
     """`pairfree demo` end to end (small world, short schedule): the report.json contract, the plot, the table."""
     import json
 
-    from pairfree.demo import METHODS, run_demo
+    from pairfree.cli.demo import METHODS, run_demo
 
     run_demo(tmp_path / "demo", preset="small", epochs=2, batch_size=1024,
              cache_dir=request.config.cache.mkdir("pairfree-cache"), progress=False)

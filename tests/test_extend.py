@@ -224,7 +224,7 @@ def test_fit_embed_and_frozen_base(rng, tmp_path):
     X = unit(rng, 5, 12)
     np.testing.assert_array_equal(again.embed("clap", "audio", X), model.embed("clap", "audio", X))
     assert json.loads((tmp_path / "m" / "config.json").read_text())["leaves"]["ulip"]["overlap"] == "image"
-    from pairfree.commands import load_model
+    from pairfree.cli.train import load_model
 
     assert isinstance(load_model(tmp_path / "m"), pf.ExMCR)
 
@@ -410,7 +410,7 @@ def toy(request):
 def test_toy_world_exmcr_vs_cmcr(toy):
     """Ex-MCR keeps base retrieval exactly, beats C-MCR on audio->text, is at least on par on audio->image,
     and gives emergent audio<->3d far above chance (same epochs / batch for both methods)."""
-    from pairfree.ablate import chance, run_cmcr, run_exmcr
+    from pairfree.toy.evaluate import chance, run_cmcr, run_exmcr
 
     world, cache = toy
     model, ex, _ = run_exmcr(world, ExMCRConfig(epochs=12, batch_size=1024), progress=False, cache_dir=cache)

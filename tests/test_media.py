@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pairfree.media import MediaError, fix_length, int16_roundtrip, load_audio, load_image, load_texts
-from pf_testing import REFERENCE, reference
+from pf_testing import reference
 
 Image = pytest.importorskip("PIL.Image")
 sf = pytest.importorskip("soundfile")

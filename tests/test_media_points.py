@@ -237,7 +237,7 @@ def test_points_npy(tmp_path):
 
 
 def _ply(vertices, faces=None, fmt="ascii"):
-    head = [f"ply", f"format {fmt} 1.0", "comment made by a test", f"element vertex {len(vertices)}",
+    head = ["ply", f"format {fmt} 1.0", "comment made by a test", f"element vertex {len(vertices)}",
             "property float x", "property float y", "property float z", "property uchar red"]
     if faces is not None:
         head += [f"element face {len(faces)}", "property list uchar int vertex_indices"]

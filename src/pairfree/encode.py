@@ -1,6 +1,6 @@
-"""`pairfree encode`: embed a folder / file list / text file / webdataset shards into a store.
+"""Embed a folder / file list / text file / webdataset shards into a store.
 
-    pairfree encode --encoder SPEC --modality image photos/ --out stores/clip-image
+    pairfree encode --encoder SPEC --modality image photos/ --out stores/clip-image   (pairfree.cli.encode)
 
 Inputs (INPUT may be given several times, in any mix):
   - a folder: scanned recursively for files of the modality's extensions (sorted, hidden skipped);
@@ -25,7 +25,6 @@ already in committed shards (or recorded as errors) are skipped, the partial sha
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -510,47 +509,3 @@ class _LazyWriter:
             first = "; ".join(f"{i}: {r}" for i, r in self._errors[:3])
             raise ValueError(f"none of the {n} inputs could be read, no store written (first errors: {first})")
         return self._writer
-
-
-# ------------------------------------------------------------------------------------ CLI
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "encode",
-        help="embed media files / texts with a pretrained encoder into a sharded embedding store",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="folder, file list, text file, .tar shard or media file")
-    p.add_argument("--encoder", required=True, help="encoder spec, e.g. hf-clip:openai/clip-vit-base-patch32")
-    p.add_argument("--modality", required=True, choices=["image", "text", "audio", "3d"])
-    p.add_argument("--out", required=True, help="store folder (created; an existing store is resumed)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="DataLoader workers (local) or encoder actors (ray)")
-    p.add_argument("--shard-size", type=int, default=65536, help="rows per committed shard")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float32", help="storage dtype of the embeddings")
-    p.add_argument("--model-dtype", default="float32", help="dtype the encoder runs in (passed to the registry)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--column", help="column / key of the texts in .csv, .tsv, .jsonl, .parquet inputs")
-    p.add_argument("--backend", choices=["local", "ray"], default="local")
-    p.add_argument("--limit", type=int, help="encode only the first N inputs (in listing order)")
-    p.add_argument("--retry-errors", action="store_true", help="retry inputs recorded in errors.jsonl")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    res = encode(
-        args.inputs, encoder=args.encoder, modality=args.modality, out=args.out, batch_size=args.batch_size,
-        workers=args.workers, shard_size=args.shard_size, dtype=args.dtype, device=args.device,
-        model_dtype=args.model_dtype, column=args.column, backend=args.backend, limit=args.limit,
-        retry_errors=args.retry_errors, progress=not args.quiet,
-    )
-    print(res.summary())
-    if res.encoded == 0 and res.skipped == 0:
-        print(f"pairfree encode: error: none of the {res.total} inputs could be read; reasons in "
-              f"{res.out / 'errors.jsonl'}", file=sys.stderr)
-        return 1
-    return 0

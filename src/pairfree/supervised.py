@@ -7,7 +7,6 @@ paired-data-free methods recover on a world where the pairs exist (the toy world
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from pairfree import losses, train
 from pairfree.connect import CMCR, CMCRConfig, project

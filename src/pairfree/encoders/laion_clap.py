@@ -322,8 +322,6 @@ class LaionCLAPEncoder(Encoder):
         return {k: torch.stack([torch.as_tensor(i[k]) for i in items]) for k in items[0]}
 
     def forward(self, modality: str, batch: Any) -> "torch.Tensor":  # noqa: F821
-        import torch
-
         self.check_modality(modality)
         model = self.module.model
         if modality == "text":

@@ -1,4 +1,8 @@
-"""The `pairfree` command line. Each sub-command lives in its own module exposing `add_parser`."""
+"""The `pairfree` command line. Each command group lives in a module of this package exposing `add_parser`.
+
+The library (`import pairfree`) never imports this package: it is the entry point and the home of the
+experiment drivers (`demo`, `ablate`), as open_clip keeps `open_clip_train` apart from `open_clip`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import importlib
 import sys
 
 # module -> it defines add_parser(subparsers) registering one or more sub-commands with set_defaults(func=...)
-COMMAND_MODULES = ("pairfree.commands", "pairfree.demo", "pairfree.encode", "pairfree.ablate")
+COMMAND_MODULES = ("pairfree.cli.train", "pairfree.cli.encode", "pairfree.cli.demo", "pairfree.cli.ablate")
 
 
 def build_parser() -> argparse.ArgumentParser:

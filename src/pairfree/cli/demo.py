@@ -97,7 +97,7 @@ def run_demo(out: str | Path = "runs/demo", preset: str = "demo", seed: int = 0,
         if progress:
             print(f"  {name:11s} done in {seconds:6.1f} s")
     if with_exmcr:
-        from pairfree.ablate import evaluate_unified, run_exmcr
+        from pairfree.toy.evaluate import evaluate_unified, run_exmcr
         from pairfree.extend import ExMCRConfig
 
         model, results, seconds = run_exmcr(world, ExMCRConfig(**cfg_kwargs), progress,
