@@ -1,5 +1,12 @@
+import os
+
 import numpy as np
 import pytest
+
+
+def pytest_configure(config):
+    # caches a test does not place itself go to pytest's cache folder, never to ~/.cache
+    os.environ.setdefault("PAIRFREE_CACHE", str(config.cache.mkdir("pairfree-cache")))
 
 
 @pytest.fixture

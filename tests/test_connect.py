@@ -120,7 +120,7 @@ def test_errors(tmp_path, rng):
         m.embed("ulip", "3d", unit(rng, 2, 12))
     with pytest.raises(ValueError, match="has modalities"):
         m.embed("clap", "image", unit(rng, 2, 12))
-    with pytest.raises(ValueError, match="projector must be one of"):
+    with pytest.raises(ValueError, match=r"CMCRConfig.projector: expected one of \[.mlp1., .mlp2.\], got .mlp9."):
         pf.CMCRConfig(projector="mlp9")
     m.save(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")

@@ -240,8 +240,9 @@ def test_empty_inputs_fail_cleanly(tmp_path, tiny, capsys):
     assert not out.exists()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.jpg").write_bytes(b"nope")
-    assert main(["encode", "--encoder", SPEC, "--modality", "image", str(tmp_path / "bad"), "--out", str(out), "--quiet"]) == 1
-    assert "none of the 1 inputs could be read" in capsys.readouterr().err
+    assert main(["encode", "--encoder", SPEC, "--modality", "image", str(tmp_path / "bad"), "--out", str(out), "--quiet"]) == 2
+    assert "none of the 1 inputs could be read; no store written" in capsys.readouterr().err
+    assert not out.exists()
     (tmp_path / "one").mkdir()
     _images(tmp_path / "one", 1)
     assert main(["encode", "--encoder", "no-such-kind:x", "--modality", "image", str(tmp_path / "one"),

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pairfree.space import Space, check_overlap, normalized
+from pairfree.space import Space, check_overlap, embedding_rows
 
 _ROWS = 65536  # Gram matrices are accumulated in chunks of rows (memory-mapped stores stay on disk)
 _MAX_VAL = 50000  # at most this many held-out rows for alpha="auto"
@@ -108,11 +108,7 @@ class LinearMap:
         info = self.spaces[space]
         if modality not in info["modalities"]:
             raise ValueError(f"space {space!r} has modalities {info['modalities']}, not {modality!r}")
-        X = np.asarray(X)
-        if X.ndim != 2 or X.shape[1] != info["dim"]:
-            raise ValueError(f"embed({space!r}, {modality!r}): expected (n, {info['dim']}) embeddings "
-                             f"(dim of space {space!r}), got shape {X.shape}")
-        X = normalized(X, f"embed({space!r}, {modality!r})")
+        X = embedding_rows(X, info["dim"], f"embed({space!r}, {modality!r})", f" from {space!r}'s {modality} encoder")
         if space == self.target:
             return np.array(X, dtype=np.float32)
         out = np.empty((X.shape[0], self.W.shape[1]), dtype=np.float32)

@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,10 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pairfree import losses, train
-from pairfree.checkpoint import load_state_strict, read_model, read_official, save_model
+from pairfree.devices import resolve_device
+from pairfree.checkpoint import (CONFIG, WEIGHTS, dim_field, field, linear_shape, materialize, modalities_field, name_field,
+                                 read_model, read_official, save_model)
 from pairfree.memory import as_tensor, cached_aggregate
-from pairfree.projector import PRESETS, init_weights, make_head
-from pairfree.space import Space, check_overlap, other_modality
+from pairfree.config import option
+from pairfree.projector import BN_MODES, INIT_MODES, MAX_DIM, PRESETS, init_weights, make_head
+from pairfree.space import Space, check_overlap, embedding_rows, other_modality
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -42,27 +45,17 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 class CMCRConfig(train.TrainConfig):
     """Paper defaults (DESIGN §3); `semantic_consistency=False, semantic_completion=False` is plain C-MCR."""
 
-    tau1: float = 0.01  # memory-aggregation softmax temperature
-    noise_variance: float = 0.004  # per-dimension variance of the semantic-completion noise
-    lam: float = 0.1  # weight of the intra-MCR term
-    temperature: float = 0.05  # InfoNCE temperature (open point, see module docstring)
-    semantic_consistency: bool = True  # memory pseudo pairs (+ their inter and intra terms)
-    semantic_completion: bool = True  # training-time noise
-    projector: str = "mlp2"  # "mlp2" (CLAP-CLIP release) or "mlp1" (ULIP-CLIP release)
-    hidden_mult: float = 2.0
-    out_dim: int | None = None  # default: the larger input dimension
-    init: str = "default"  # "default" | "xavier" | "eye"
-    bn: str = "joint"  # "joint" | "separate": do a projector's two inputs share a BatchNorm batch
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.projector not in PRESETS:
-            raise ValueError(f"CMCRConfig.projector must be one of {PRESETS}, got {self.projector!r}")
-        if self.bn not in ("joint", "separate"):
-            raise ValueError(f"CMCRConfig.bn must be 'joint' or 'separate', got {self.bn!r}")
-        for name in ("tau1", "temperature"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"CMCRConfig.{name} must be > 0, got {getattr(self, name)}")
+    tau1: float = option(0.01, gt=0, doc="memory-aggregation softmax temperature")
+    noise_variance: float = option(0.004, ge=0, doc="per-dimension variance of the semantic-completion noise")
+    lam: float = option(0.1, ge=0, doc="weight of the intra-MCR term")
+    temperature: float = option(0.05, gt=0, doc="InfoNCE temperature (open point, see the module docstring)")
+    semantic_consistency: bool = option(True, doc="memory pseudo pairs (+ their inter and intra terms)")
+    semantic_completion: bool = option(True, doc="training-time noise")
+    projector: str = option("mlp2", choices=PRESETS, doc="mlp2 (CLAP-CLIP release) or mlp1 (ULIP-CLIP release)")
+    hidden_mult: float = option(2.0, gt=0, le=64)
+    out_dim: int | None = option(None, ge=1, le=MAX_DIM, doc="default: the larger input dimension")
+    init: str = option("default", choices=INIT_MODES)
+    bn: str = option("joint", choices=BN_MODES, doc="do a projector's two inputs share a BatchNorm batch")
 
 
 def project(head: nn.Module, parts: list[torch.Tensor], joint: bool) -> list[torch.Tensor]:
@@ -86,9 +79,10 @@ class CMCR:
         self.overlap: str | None = None
         self.history: list[dict] = []
         self.timings: dict[str, float] = {}
+        self.fitted_run_key: str | None = None  # run_key of the data and config it was trained on
 
     # ---- building -------------------------------------------------------------------------
-    def _build(self, spaces: dict[str, dict[str, Any]]) -> None:
+    def _build(self, spaces: dict[str, dict[str, Any]]) -> nn.ModuleDict:
         cfg = self.config
         for name in spaces:
             if not _NAME.match(name):
@@ -100,6 +94,7 @@ class CMCR:
             heads[name] = make_head(cfg.projector, s["dim"], out_dim, cfg.hidden_mult)
             init_weights(heads[name], cfg.init)
         self.heads, self.spaces = heads, spaces
+        return heads
 
     @property
     def out_dim(self) -> int:
@@ -120,13 +115,22 @@ class CMCR:
         return out
 
     def fit(self, x: Space, y: Space, overlap: str, *, run_dir: str | Path | None = None,
-            cache_dir: str | Path | None = None, progress: bool = True) -> "CMCR":
-        """Train the two projectors. run_dir: per-epoch checkpoints, resumed if present."""
+            cache_dir: str | Path | None = None, progress: bool = True, restart: bool = False,
+            on_start: Callable[[], None] | None = None) -> "CMCR":
+        """Train the two projectors.
+
+        run_dir: per-epoch checkpoints, resumed if present (`restart=True` starts over). Inputs,
+        device and a resumable checkpoint are all validated before `on_start()` is called and
+        before anything is written.
+        """
         check_overlap(x, y, overlap)
         cfg = self.config
+        resolve_device(cfg.device)
         mods = {s.name: other_modality(s, overlap) for s in (x, y)}
+        run_key = self.run_key(x, y, overlap)
+        train.start_run({None if run_dir is None else Path(run_dir): run_key}, restart, on_start)
         self._build({s.name: {"dim": s.dim, "modalities": [overlap, mods[s.name]]} for s in (x, y)})
-        self.overlap = overlap
+        self.overlap, self.fitted_run_key = overlap, run_key
         data = {"tx": as_tensor(x[overlap]), "ty": as_tensor(y[overlap])}
         t0 = time.perf_counter()
         if cfg.semantic_consistency:
@@ -153,7 +157,6 @@ class CMCR:
             return loss, {"inter_text": float(inter_t.detach()), "inter_pseudo": float(inter_p.detach()), "intra": float(intra.detach())}
 
         settings = cfg.loop_settings()
-        run_key = self._run_key(x, y, overlap)
         t0 = time.perf_counter()
         self.history = train.run(self.heads, data, step, settings, ckpt_dir=run_dir, run_key=run_key,
                                  desc=f"C-MCR {x.name}+{y.name}", progress=progress)
@@ -161,7 +164,8 @@ class CMCR:
         self.heads.cpu().eval()
         return self
 
-    def _run_key(self, x: Space, y: Space, overlap: str) -> str:
+    def run_key(self, x: Space, y: Space, overlap: str) -> str:
+        """Hash of everything that determines the trained model except the device: config, data, overlap."""
         h = hashlib.sha256(json.dumps(asdict(self.config) | {"device": ""}, sort_keys=True).encode())
         for s in (x, y):
             h.update(s.name.encode())
@@ -180,15 +184,12 @@ class CMCR:
         info = self.spaces[space]
         if modality not in info["modalities"]:
             raise ValueError(f"space {space!r} has modalities {info['modalities']}, not {modality!r}")
-        X = np.asarray(X, dtype=np.float32)
-        if X.ndim != 2 or X.shape[1] != info["dim"]:
-            raise ValueError(f"embed({space!r}, {modality!r}): expected (n, {info['dim']}) embeddings, got shape {X.shape}")
-        X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        X = embedding_rows(X, info["dim"], f"embed({space!r}, {modality!r})", f" from {space!r}'s {modality} encoder")
         head = self.heads[space].eval()
         out = []
         with torch.inference_mode():
             for s in range(0, len(X), batch_size):
-                out.append(F.normalize(head(torch.from_numpy(X[s : s + batch_size])), dim=-1).numpy())
+                out.append(F.normalize(head(as_tensor(X[s : s + batch_size]).float()), dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.out_dim), np.float32)
 
     # ---- files ----------------------------------------------------------------------------------
@@ -196,21 +197,27 @@ class CMCR:
         if self.heads is None:
             raise ValueError("nothing to save: this CMCR model is not fitted or loaded yet")
         meta = {"method": self.method, "config": asdict(self.config), "spaces": self.spaces,
-                "overlap": self.overlap, "history": self.history, "timings": self.timings}
+                "overlap": self.overlap, "history": self.history, "timings": self.timings,
+                "run_key": self.fitted_run_key}
         return save_model(path, self.heads, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "CMCR":
-        meta, state = read_model(path, cls.method)
-        try:
-            model = cls(CMCRConfig.from_dict(meta["config"], f"{path}/config.json"))
-            spaces, overlap = meta["spaces"], meta["overlap"]
-        except KeyError as e:
-            raise ValueError(f"{path}/config.json: missing field {e}") from e
-        model._build(spaces)
-        load_state_strict(model.heads, state, Path(path) / "model.safetensors")
-        model.heads.eval()
+        meta, state, folder = read_model(path, cls.method)
+        where = str(folder / CONFIG)
+        model = cls(CMCRConfig.from_dict(field(meta, "config", dict, where), where))
+        infos = field(meta, "spaces", dict, where)
+        if len(infos) != 2:
+            raise ValueError(f"{where}: field 'spaces' must describe the two connected spaces, got {list(infos)}")
+        spaces = {}
+        for name, info in infos.items():
+            here = f"{where}: spaces[{name!r}]"
+            name_field({"name": name}, "name", here)
+            spaces[name] = {"dim": dim_field(info, "dim", here), "modalities": modalities_field(info, "modalities", here)}
+        overlap = field(meta, "overlap", str, where)
+        model.heads = materialize(lambda: model._build(spaces), state, folder / WEIGHTS)
         model.overlap, model.history, model.timings = overlap, meta.get("history", []), meta.get("timings", {})
+        model.fitted_run_key = meta.get("run_key")
         return model
 
     # Official releases: which head projects which space (reference/README.md, DESIGN §5).
@@ -237,17 +244,15 @@ class CMCR:
         spec = cls.OFFICIAL_LAYOUTS[layout]
         first = "Head_A.net.0.weight" if preset == "mlp1" else "Head_A.net1.0.weight"
         last = "Head_A.net.0.weight" if preset == "mlp1" else "Head_A.net2.0.weight"
-        hidden = state[first].shape[0]
+        hidden = linear_shape(state, first, path)[0]
         spaces = {}
         for head in ("Head_A", "Head_B"):
             name, mods = spec[head]
-            spaces[name] = {"dim": int(state[f"{head}.{first.split('.', 1)[1]}"].shape[1]), "modalities": mods}
-        out_dim = int(state[last].shape[0])
+            spaces[name] = {"dim": linear_shape(state, f"{head}.{first.split('.', 1)[1]}", path)[1], "modalities": mods}
+        out_dim = linear_shape(state, last, path)[0]
         d_a = spaces[spec["Head_A"][0]]["dim"]
         model = cls(CMCRConfig(projector=preset, out_dim=out_dim, hidden_mult=hidden / d_a))
-        model._build(spaces)
         renamed = {f"{spec[k.split('.', 1)[0]][0]}.{k.split('.', 1)[1]}": v for k, v in state.items()}
-        load_state_strict(model.heads, renamed, path)
-        model.heads.eval()
+        model.heads = materialize(lambda: model._build(spaces), renamed, path)
         model.overlap = spec["overlap"]
         return model

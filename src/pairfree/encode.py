@@ -49,7 +49,7 @@ class Item:
     """One input: a file, a member of an uncompressed tar (byte range), or a text."""
 
     id: str
-    kind: str  # "file" | "tar" | "text"
+    kind: str  # "file" | "tar" | "text" | "error" (known unreadable: `text` holds the reason)
     path: str = ""
     offset: int = 0
     size: int = 0
@@ -106,9 +106,20 @@ def _tar_items(path: Path, modality: str) -> list[Item]:
 
 
 def _text_items(path: Path, column: str | None) -> list[Item]:
-    from pairfree.media import load_texts
+    """The texts of one file as items `file#i`; a line that cannot be read becomes an error item
+    `file#lineN`, a file that cannot be read at all (or holds no text) one error item `file`."""
+    from pairfree.media.texts import read_texts
 
-    return [Item(id=f"{path}#{i}", kind="text", path=str(path), text=t) for i, t in enumerate(load_texts(path, column))]
+    try:
+        texts, bad = read_texts(path, column)
+    except MediaError as e:
+        return [Item(id=str(path), kind="error", path=str(path), text=str(e))]
+    items = [Item(id=f"{path}#{i}", kind="text", path=str(path), text=t) for i, t in enumerate(texts)]
+    items += [Item(id=f"{path}#line{n}", kind="error", path=str(path), text=f"{path}: line {n} is {reason}")
+              for n, reason in bad]
+    if not texts and not bad:
+        items.append(Item(id=str(path), kind="error", path=str(path), text=f"no texts in {path}"))
+    return items
 
 
 def list_inputs(inputs: Sequence[str | Path], modality: str, column: str | None = None,
@@ -169,6 +180,8 @@ def load_item(item: Item, modality: str, sample_rate: int | None = None) -> Any:
 
     if item.kind == "text":
         return item.text
+    if item.kind == "error":
+        raise MediaError(item.text)
     if item.kind == "tar":
         with open(item.path, "rb") as f:
             f.seek(item.offset)
@@ -418,7 +431,8 @@ def encode(
     """Encode `inputs` into the store `out` (created, or resumed when it exists); see the module doc.
 
     `encoder` is a registry spec, an `Encoder`, or a zero-argument factory returning one.
-    Raises ValueError when there is nothing to encode; no store is created in that case.
+    Raises ValueError when there is nothing to encode, or when no input could be read (naming the
+    first reasons); no store is created in either case.
     """
     from pairfree.store import StoreWriter, committed_ids, peek_manifest
 
@@ -448,24 +462,22 @@ def encode(
                            shard_size=shard_size, meta=meta, retry_errors=retry_errors)
 
     lazy = backend == "ray" and isinstance(encoder, str)  # then only the Ray actors load the model
-    if lazy:
-        enc, writer = None, _LazyWriter(open_writer, encoder, manifest)
-    else:
+    enc = None
+    if not lazy:
         enc = _resolve(encoder, device, model_dtype)
         _check_encoder(enc, modality)
-        writer = open_writer(_encoder_id(enc, encoder), enc.dim)
+    # the store is created with the first embeddings: an encode where nothing can be read writes none
+    writer = _LazyWriter(open_writer, encoder if lazy else _encoder_id(enc, encoder), manifest)
 
-    from tqdm.auto import tqdm
+    from pairfree.progress import progress as progress_bar
 
-    with tqdm(total=len(items), initial=len(items) - len(todo), unit="item", disable=not progress,
-              desc=f"encode {modality}", dynamic_ncols=True) as bar:
+    with progress_bar(len(items), f"encode {modality}", progress, unit="item", initial=len(items) - len(todo)) as bar:
         if backend == "local":
             _run_local(todo, modality, enc, writer, batch_size, workers, bar)
         else:
             factory = _factory(encoder, device, model_dtype) if lazy else functools.partial(_identity, enc)
             _run_ray(todo, modality, factory, writer, batch_size, workers, device, bar)
-    if isinstance(writer, _LazyWriter):
-        writer = writer.writer_or_raise(len(todo))
+    writer = writer.writer_or_raise(len(todo))
     before = writer.count_before, writer.errors_before
     store = writer.finish()
     return EncodeResult(out, len(items), len(items) - len(todo), store.count - before[0],
@@ -483,8 +495,9 @@ def _check_encoder(enc, modality: str) -> None:
 
 
 class _LazyWriter:
-    """Opens the StoreWriter when the first embeddings show the dimension (Ray backend with a
-    registry spec: the driver never loads the model). Errors seen before that are held back."""
+    """Opens the StoreWriter when the first embeddings arrive (they also show the dimension when only
+    Ray actors load the model), so that an encode in which nothing could be read leaves no store.
+    Errors seen before that are held back; an existing store (resume) is opened at once."""
 
     def __init__(self, open_writer, enc_id: str, manifest: dict | None):
         self._open, self._id, self._writer, self._errors = open_writer, enc_id, None, []
@@ -506,6 +519,6 @@ class _LazyWriter:
 
     def writer_or_raise(self, n: int):
         if self._writer is None:
-            first = "; ".join(f"{i}: {r}" for i, r in self._errors[:3])
-            raise ValueError(f"none of the {n} inputs could be read, no store written (first errors: {first})")
+            first = "; ".join(r if r.startswith(i) else f"{i}: {r}" for i, r in self._errors[:3])
+            raise ValueError(f"none of the {n} inputs could be read; no store written (first errors: {first})")
         return self._writer

@@ -59,7 +59,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -67,10 +67,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pairfree import losses, train
-from pairfree.checkpoint import load_state_strict, read_model, read_official, save_model
-from pairfree.memory import aggregate, as_tensor
-from pairfree.projector import MLP2, init_weights
-from pairfree.space import Space, SpaceError, as_array, check_overlap, normalized, other_modality
+from pairfree.devices import resolve_device
+from pairfree.checkpoint import (CONFIG, WEIGHTS, dim_field, field, linear_shape, materialize, modalities_field, name_field,
+                                 read_model, read_official, save_model)
+from pairfree.memory import aggregate, as_tensor, load_cached
+from pairfree.config import ConfigError, option
+from pairfree.projector import BN_MODES, MLP2, init_weights
+from pairfree.space import Space, SpaceError, check_overlap, embedding_rows, other_modality
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -95,12 +98,12 @@ def _csv(value: Any, known, field: str, aliases: Mapping[str, tuple[str, ...]] |
         expanded = (aliases or {}).get(item, (item,))
         for e in expanded:
             if e not in known:
-                raise ValueError(f"ExMCRConfig.{field}: unknown entry {item!r}; choose from {sorted(known)}"
+                raise ConfigError(f"ExMCRConfig.{field}: unknown entry {item!r}; choose from {sorted(known)}"
                                  + (f" or {sorted(aliases)}" if aliases else ""))
             if e not in out:
                 out.append(e)
     if not out:
-        raise ValueError(f"ExMCRConfig.{field}: needs at least one entry, got {value!r}")
+        raise ConfigError(f"ExMCRConfig.{field}: needs at least one entry, got {value!r}")
     order = list(known)
     return ",".join(sorted(out, key=order.index))
 
@@ -109,39 +112,30 @@ def _csv(value: Any, known, field: str, aliases: Mapping[str, tuple[str, ...]] |
 class ExMCRConfig(train.TrainConfig):
     """Paper defaults (DESIGN §4); the open points are documented in the module docstring."""
 
-    tau1: float = 0.01  # memory-aggregation softmax temperature
-    noise_variance: float = 0.004  # per-dimension variance of the training noise
-    lam: float = 0.1  # weight of L_intra
-    temperature: float = 0.05  # τ2 of the InfoNCE terms
-    passes: str = "overlap,leaf,base"  # modality-centric pseudo data; also letters T,A,I
-    objectives: str = "dense"  # "A-T","T-T","A-V","T-V" (comma-separated) or "dense"
-    fl: str = "linear"  # f_l: "linear" (paper) | "mlp1" | "mlp2"
-    fm_depth: int = 2  # f_m: number of MLP2 blocks (paper: 2); 0 = one Linear layer
-    hidden_mult: float = 2.0  # hidden width of every MLP2 block / its input width
-    intra: str = "l2"  # "l2" (as printed) | "squared"
-    fl_normalize: bool = False  # L2-normalise f_l's output before f_m
-    stop_grad: bool = False  # f_m does not back-propagate into f_l
-    bn: str = "joint"  # "joint" | "separate": BatchNorm batch of â's and t̂'s inputs in f_m
-    normalize_pseudo: bool = True  # re-normalise aggregated embeddings (between hops)
+    tau1: float = option(0.01, gt=0, doc="memory-aggregation softmax temperature")
+    noise_variance: float = option(0.004, ge=0, doc="per-dimension variance of the training noise")
+    lam: float = option(0.1, ge=0, doc="weight of L_intra")
+    temperature: float = option(0.05, gt=0, doc="tau2 of the InfoNCE terms")
+    passes: str = option("overlap,leaf,base", doc="modality-centric pseudo data, comma-separated from "
+                         f"{list(PASSES)} or the paper's letters T,A,I")
+    objectives: str = option("dense", doc=f"comma-separated from {list(OBJECTIVES)}, or dense (all four)")
+    fl: str = option("linear", choices=FL_KINDS, doc="f_l: linear (paper) or an MLP")
+    fm_depth: int = option(2, ge=0, le=8, doc="f_m: number of MLP2 blocks (paper: 2); 0 = one Linear layer")
+    hidden_mult: float = option(2.0, gt=0, le=64, doc="hidden width of every MLP2 block / its input width")
+    intra: str = option("l2", choices=("l2", "squared"), doc="L_intra: l2 (as printed) or squared")
+    fl_normalize: bool = option(False, doc="L2-normalise f_l's output before f_m")
+    stop_grad: bool = option(False, doc="f_m does not back-propagate into f_l")
+    bn: str = option("joint", choices=BN_MODES, doc="BatchNorm batch of a-hat's and t-hat's inputs in f_m")
+    normalize_pseudo: bool = option(True, doc="re-normalise aggregated embeddings (between hops)")
 
     def __post_init__(self) -> None:
+        for name in ("passes", "objectives"):  # YAML lists ([T, A]) are accepted as well as "T,A"
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, ",".join(map(str, value)))
         super().__post_init__()
         self.passes = _csv(self.passes, PASSES, "passes", {k: (v,) for k, v in PASS_LETTERS.items()})
         self.objectives = _csv(self.objectives, tuple(OBJECTIVES), "objectives", {"dense": tuple(OBJECTIVES)})
-        if self.fl not in FL_KINDS:
-            raise ValueError(f"ExMCRConfig.fl must be one of {FL_KINDS}, got {self.fl!r}")
-        if not 0 <= int(self.fm_depth) <= 8:
-            raise ValueError(f"ExMCRConfig.fm_depth must be 0 (linear) .. 8 blocks, got {self.fm_depth}")
-        if self.intra not in ("l2", "squared"):
-            raise ValueError(f"ExMCRConfig.intra must be 'l2' or 'squared', got {self.intra!r}")
-        if self.bn not in ("joint", "separate"):
-            raise ValueError(f"ExMCRConfig.bn must be 'joint' or 'separate', got {self.bn!r}")
-        for name in ("tau1", "temperature", "hidden_mult"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ExMCRConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("lam", "noise_variance"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ExMCRConfig.{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def pass_list(self) -> list[str]:
@@ -285,11 +279,11 @@ def cached_pass(cache_dir: str | Path | None, roles: Roles, name: str, **kwargs)
     M = roles.memories()
     given = {"overlap": {"ol": M["OL"], "ob": M["OB"]}, "leaf": {"c": M["C"]}, "base": {"nb": M["NB"]}}[name]
     files = {r: folder / f"{r}.npy" for r in _COMPUTED[name]}
-    if all(f.exists() for f in files.values()):
-        try:
-            return {**given, **{r: np.load(f, allow_pickle=False) for r, f in files.items()}}
-        except (ValueError, OSError):  # unreadable cache entry: rebuild it
-            pass
+    n = {"overlap": M["OL"], "leaf": M["C"], "base": M["NB"]}[name].shape[0]
+    dims = {"c": M["C"].shape[1], "ol": M["OL"].shape[1], "ob": M["OB"].shape[1], "nb": M["NB"].shape[1]}
+    cached = {r: load_cached(f, (n, dims[r])) for r, f in files.items()}
+    if all(a is not None for a in cached.values()):
+        return {**given, **cached}
     out = modality_centric_pass(roles, name, **kwargs)
     with atomic_dir(folder) as tmp:
         for r in _COMPUTED[name]:
@@ -316,6 +310,7 @@ class ExMCR:
         self.leaves: dict[str, dict[str, Any]] = {}  # name -> {"dim", "overlap", "modality", "modalities"}
         self.history: dict[str, list[dict]] = {}
         self.timings: dict[str, float] = {}
+        self.fitted_run_key: str | None = None
 
     # ---- building ----------------------------------------------------------------------------
     def _head(self, leaf: dict[str, Any]) -> DecoupledProjector:
@@ -323,7 +318,7 @@ class ExMCR:
         torch.manual_seed(cfg.seed)  # same init for a leaf whatever other leaves exist
         return DecoupledProjector(leaf["dim"], self.base["dim"], cfg.fl, cfg.fm_depth, cfg.hidden_mult, cfg.fl_normalize)
 
-    def _build(self, base: dict[str, Any], leaves: dict[str, dict[str, Any]]) -> None:
+    def _build(self, base: dict[str, Any], leaves: dict[str, dict[str, Any]]) -> nn.ModuleDict:
         for name in (base["name"], *leaves):
             if not _NAME.match(name):
                 raise ValueError(f"space name {name!r} must use letters, digits, '_' or '-' only")
@@ -331,6 +326,7 @@ class ExMCR:
             raise ValueError(f"leaf name {base['name']!r} is also the base space's name; names must differ")
         self.base, self.leaves = base, leaves
         self.heads = nn.ModuleDict({name: self._head(leaf) for name, leaf in leaves.items()})
+        return self.heads
 
     @staticmethod
     def _leaf_roles(base: Space, leaves: Mapping[str, Any]) -> dict[str, Roles]:
@@ -365,14 +361,20 @@ class ExMCR:
                 for p in cfg.pass_list}
 
     def fit(self, base: Space, leaves: Mapping[str, Any], *, run_dir: str | Path | None = None,
-            cache_dir: str | Path | None = None, progress: bool = True) -> "ExMCR":
+            cache_dir: str | Path | None = None, progress: bool = True, restart: bool = False,
+            on_start: Callable[[], None] | None = None) -> "ExMCR":
         """Train one projector per leaf into the frozen base. leaves: {name: (Space, overlap)}.
 
         run_dir: per-leaf checkpoints under run_dir/<leaf>/ (resumed if present). cache_dir: the
         pseudo-data pool per pass (reused by any run with the same memories and aggregation settings).
-        All leaves are validated before anything is computed.
+        All leaves, the device and resumable checkpoints are validated before `on_start()` is called
+        and before anything is computed or written; `restart=True` ignores earlier checkpoints.
         """
         roles = self._leaf_roles(base, leaves)
+        resolve_device(self.config.device)
+        keys = self.run_keys(base, leaves)
+        train.start_run({None if run_dir is None else Path(run_dir) / n: k for n, k in keys.items()}, restart, on_start)
+        self.fitted_run_key = combined_key(keys)
         self._build({"name": base.name, "dim": base.dim, "modalities": list(base.modalities)},
                     {n: {"dim": r.leaf.dim, "overlap": r.overlap, "modality": r.leaf_other,
                          "modalities": [r.overlap, r.leaf_other], "base_modality": r.base_other}
@@ -397,11 +399,15 @@ class ExMCR:
         settings = cfg.loop_settings()
         t0 = time.perf_counter()
         self.history[name] = train.run(head, data, step, settings, ckpt_dir=run_dir,
-                                       run_key=self._run_key(name, roles), desc=f"Ex-MCR {name}->{roles.base.name}",
+                                       run_key=self._leaf_key(name, roles), desc=f"Ex-MCR {name}->{roles.base.name}",
                                        progress=progress)
         self.timings[f"{name}/train_s"] = time.perf_counter() - t0
 
-    def _run_key(self, name: str, roles: Roles) -> str:
+    def run_keys(self, base: Space, leaves: Mapping[str, Any]) -> dict[str, str]:
+        """{leaf: hash of everything that determines its head except the device}."""
+        return {name: self._leaf_key(name, r) for name, r in self._leaf_roles(base, leaves).items()}
+
+    def _leaf_key(self, name: str, roles: Roles) -> str:
         h = hashlib.sha256(json.dumps(asdict(self.config) | {"device": ""}, sort_keys=True).encode())
         h.update(f"{name}|{roles.overlap}".encode())
         for s in (roles.base, roles.leaf):
@@ -439,15 +445,9 @@ class ExMCR:
         else:
             raise ValueError(f"unknown space {space!r}; this model has base {self.base['name']!r} "
                              f"and leaves {list(self.leaves)}")
-        if isinstance(X, (list, tuple)):
-            X = np.asarray(X, dtype=np.float32)
-        arr = as_array(X, where)
-        if arr.ndim == 2 and arr.shape[0] == 0 and arr.shape[1] == dim:
+        Xn = embedding_rows(X, dim, where, f" from {space!r}'s {modality} encoder")
+        if len(Xn) == 0:
             return np.zeros((0, self.base["dim"]), np.float32)
-        if arr.ndim != 2 or arr.shape[1] != dim:
-            raise ValueError(f"{where}: expected (n, {dim}) embeddings from {space!r}'s {modality} encoder, "
-                             f"got shape {tuple(arr.shape)}")
-        Xn = normalized(arr, where)
         if space == self.base["name"]:
             return np.array(Xn, dtype=np.float32, copy=True)
         head: DecoupledProjector = self.heads[space].eval()
@@ -462,24 +462,31 @@ class ExMCR:
     def save(self, path: str | Path) -> Path:
         self._check()
         meta = {"method": self.method, "config": asdict(self.config), "base": self.base, "leaves": self.leaves,
-                "history": self.history, "timings": self.timings}
+                "history": self.history, "timings": self.timings, "run_key": self.fitted_run_key}
         return save_model(path, self.heads, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "ExMCR":
-        meta, state = read_model(path, cls.method)
-        src = Path(path)
-        if not (src / "config.json").exists() and (src / "model" / "config.json").exists():
-            src = src / "model"
-        try:
-            model = cls(ExMCRConfig.from_dict(meta["config"], f"{src}/config.json"))
-            base, leaves = meta["base"], meta["leaves"]
-        except KeyError as e:
-            raise ValueError(f"{src}/config.json: missing field {e}") from e
-        model._build(base, leaves)
-        load_state_strict(model.heads, state, src / "model.safetensors")
-        model.heads.eval()
+        meta, state, folder = read_model(path, cls.method)
+        where = str(folder / CONFIG)
+        model = cls(ExMCRConfig.from_dict(field(meta, "config", dict, where), where))
+        b = field(meta, "base", dict, where)
+        base = {"name": name_field(b, "name", f"{where}: base"), "dim": dim_field(b, "dim", f"{where}: base"),
+                "modalities": modalities_field(b, "modalities", f"{where}: base")}
+        leaves = {}
+        for name, leaf in field(meta, "leaves", dict, where).items():
+            here = f"{where}: leaves[{name!r}]"
+            name_field({"name": name}, "name", here)
+            mods = modalities_field(leaf, "modalities", here)
+            info = {"dim": dim_field(leaf, "dim", here), "overlap": field(leaf, "overlap", str, here),
+                    "modality": field(leaf, "modality", str, here), "modalities": mods,
+                    "base_modality": leaf.get("base_modality")}
+            if info["overlap"] not in mods or info["modality"] not in mods:
+                raise ValueError(f"{here}: 'overlap' and 'modality' must be among its modalities {mods}")
+            leaves[name] = info
+        model.heads = materialize(lambda: model._build(base, leaves), state, folder / WEIGHTS)
         model.history, model.timings = meta.get("history", {}), meta.get("timings", {})
+        model.fitted_run_key = meta.get("run_key")
         return model
 
     #: roles of the released heads (DESIGN §5): leaf name -> (overlap, leaf non-overlap modality)
@@ -511,9 +518,9 @@ class ExMCR:
                 depth += 1
             if depth == 0:
                 raise ValueError(f"{p}: no Head2.mlp1.net1.0.weight; not the Ex-MCR projector layout")
-            d_leaf = int(state["Head1.weight"].shape[1])
-            d_base = int(state[f"Head2.mlp{depth}.net2.0.weight"].shape[0])
-            hidden_mult = state["Head2.mlp1.net1.0.weight"].shape[0] / d_leaf
+            d_leaf = linear_shape(state, "Head1.weight", p)[1]
+            d_base = linear_shape(state, f"Head2.mlp{depth}.net2.0.weight", p)[0]
+            hidden_mult = linear_shape(state, "Head2.mlp1.net1.0.weight", p)[0] / d_leaf
             if shape is not None and shape != (depth, hidden_mult, d_base):
                 raise ValueError(f"{p}: projector shape (depth, hidden_mult, d_base) = {(depth, hidden_mult, d_base)} "
                                  f"differs from the other files' {shape}")
@@ -533,11 +540,17 @@ class ExMCR:
             states[name] = (p, state)
         depth, hidden_mult, d_base = shape
         model = cls(ExMCRConfig(fm_depth=depth, hidden_mult=hidden_mult))
-        model._build({"name": base, "dim": d_base, "modalities": list(base_modalities)}, leaves)
+        base_info = {"name": base, "dim": d_base, "modalities": list(base_modalities)}
+        with torch.device("meta"):
+            heads = model._build(base_info, leaves)
         for name, (p, state) in states.items():
-            load_state_strict(model.heads[name], state, p)
-        model.heads.eval()
+            heads[name] = materialize(lambda h=heads[name]: h, state, p)
         return model
+
+
+def combined_key(keys: Mapping[str, str]) -> str:
+    """One key for a model made of several independently trained heads."""
+    return hashlib.sha256(json.dumps(dict(sorted(keys.items()))).encode()).hexdigest()
 
 
 # ---- the training step ----------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from pairfree.progress import progress as progress_bar
 
 Array = "np.ndarray | torch.Tensor"
 
@@ -89,7 +90,7 @@ def aggregate(
     vals_r = [keys_r if v is keys else _resident(v, dev, dtype, resident_bytes) for v in vals]
     outs = [np.empty((n, v.shape[1]), dtype=np.float32) for v in vals]
     desc = progress if isinstance(progress, str) else "aggregate"
-    bar = tqdm(total=n, desc=desc, unit="q", disable=not progress, leave=False)
+    bar = progress_bar(n, desc, bool(progress), unit="q")
     for qs in range(0, n, query_chunk):
         q = _rows(queries, qs, min(qs + query_chunk, n), dev, dtype) / tau
         if method == "exact":
@@ -168,7 +169,7 @@ def cached_aggregate(cache_dir, queries, keys, values=None, **kwargs):
         return aggregate(queries, keys, values, **kwargs)
     from pathlib import Path
 
-    from pairfree.fileio import atomic_path
+    from pairfree.fileio import save_npy
     from pairfree.space import fingerprint
 
     as_list = isinstance(values, (list, tuple))
@@ -180,12 +181,24 @@ def cached_aggregate(cache_dir, queries, keys, values=None, **kwargs):
     for a in (queries, keys, *vals):
         h.update(fingerprint(np.asarray(a) if not isinstance(a, np.ndarray) else a).encode())
     paths = [Path(cache_dir) / f"agg-{h.hexdigest()[:24]}-{i}.npy" for i in range(len(vals))]
-    if all(p.exists() for p in paths):
-        outs = [np.load(p, allow_pickle=False) for p in paths]
-    else:
+    outs = [load_cached(p, (queries.shape[0], v.shape[1])) for p, v in zip(paths, vals)]
+    if any(o is None for o in outs):
         outs = aggregate(queries, keys, vals, **kwargs)
         for p, o in zip(paths, outs):
-            with atomic_path(p) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, o)
+            save_npy(p, o)
     return outs if as_list else outs[0]
+
+
+def load_cached(path, shape: tuple[int, int]) -> np.ndarray | None:
+    """A cached float32 array of exactly `shape` with finite values, or None (missing, truncated,
+    another shape or dtype, NaN): the caller then recomputes it and overwrites the entry."""
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if a.shape != tuple(shape) or a.dtype != np.float32:
+        return None
+    for start in range(0, a.shape[0], 65536):
+        if not np.isfinite(a[start : start + 65536]).all():
+            return None
+    return a

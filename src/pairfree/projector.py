@@ -11,6 +11,10 @@ import torch
 from torch import nn
 
 PRESETS = ("mlp1", "mlp2")
+INIT_MODES = ("default", "xavier", "eye")
+BN_MODES = ("joint", "separate")
+#: largest embedding dimension a saved model may declare (checked before anything is allocated)
+MAX_DIM = 65536
 
 
 class MLP2(nn.Module):

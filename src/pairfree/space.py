@@ -19,23 +19,61 @@ class SpaceError(ValueError):
 
 
 def as_array(x: ArrayLike, where: str) -> np.ndarray:
-    """numpy view of x without copying; `.npy` paths are memory-mapped (never unpickled)."""
+    """numpy view of x without copying where possible, from anything pairfree reads embeddings from.
+
+    Accepted: numpy arrays, torch tensors, nested lists of numbers, and paths: a `.npy` file
+    (memory-mapped, never unpickled), a `.npz` file holding one array (or `file.npz:key`), or a
+    folder written by `pairfree encode` (an embedding store, memory-mapped when it has one shard
+    or is consolidated).
+    """
     if isinstance(x, (str, Path)):
-        path = Path(x)
-        if not path.exists():
-            raise SpaceError(f"{where}: file {path} does not exist")
-        try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:
-            raise SpaceError(f"{where}: {path} is not a plain numeric .npy array ({e})") from e
+        return _read_path(Path(x), where)
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch here
         x = x.detach().cpu()
         if str(x.dtype) == "torch.bfloat16":
             x = x.float()
         x = x.numpy()
+    if isinstance(x, (list, tuple)):
+        try:
+            x = np.asarray(x, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise SpaceError(f"{where}: a list of embeddings must hold numbers of equal length ({e})") from None
     if not isinstance(x, np.ndarray):
-        raise SpaceError(f"{where}: expected a numpy array, torch tensor or .npy path, got {type(x).__name__}")
+        raise SpaceError(f"{where}: expected a numpy array, torch tensor, list or a path (.npy, .npz, store folder), "
+                         f"got {type(x).__name__}")
     return x
+
+
+def _read_path(path: Path, where: str) -> np.ndarray:
+    key = None
+    if not path.exists() and ".npz:" in str(path):
+        file, key = str(path).rsplit(":", 1)
+        path = Path(file)
+    if not path.exists():
+        raise SpaceError(f"{where}: file {path} does not exist")
+    if path.is_dir():
+        from pairfree.store import EmbeddingStore, StoreError
+
+        try:
+            return EmbeddingStore.open(path, verify=False).array()
+        except StoreError as e:
+            raise SpaceError(f"{where}: {e}") from None
+    try:
+        if path.suffix.lower() == ".npz" or (key is not None):
+            with np.load(path, allow_pickle=False) as z:
+                names = list(z.files)
+                if key is None:
+                    if len(names) != 1:
+                        raise SpaceError(f"{where}: {path} holds {len(names)} arrays {names}; name one as {path}:KEY")
+                    key = names[0]
+                if key not in names:
+                    raise SpaceError(f"{where}: {path} has no array {key!r}; it holds {names}")
+                return z[key]
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except SpaceError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        raise SpaceError(f"{where}: {path} is not a plain numeric .npy/.npz array ({e})") from None
 
 
 def normalized(x: ArrayLike, where: str) -> np.ndarray:
@@ -67,6 +105,19 @@ def normalized(x: ArrayLike, where: str) -> np.ndarray:
     return out
 
 
+def embedding_rows(x: ArrayLike, dim: int, where: str, source: str = "") -> np.ndarray:
+    """What every `embed(space, modality, X)` accepts: validated, L2-normalised float32 rows of `dim`
+    columns (NaN / inf / all-zero rows and non-float dtypes refused, naming the row). An empty
+    input (0 rows) gives a (0, dim) array. `source` says where such rows come from, for messages."""
+    a = as_array(x, where)
+    if a.ndim == 2 and a.shape[0] == 0 and a.shape[1] in (0, dim):
+        return np.zeros((0, dim), np.float32)
+    if a.ndim != 2 or a.shape[1] != dim:
+        hint = " (one vector: pass x[None])" if a.shape == (dim,) else ""
+        raise SpaceError(f"{where}: expected (n, {dim}) embeddings{source}, got shape {tuple(a.shape)}{hint}")
+    return normalized(a, where)
+
+
 def fingerprint(a: np.ndarray) -> str:
     """Content hash of an array (shape, dtype and bytes), for caches keyed on inputs."""
     h = hashlib.blake2b(digest_size=16)
@@ -91,6 +142,7 @@ class Space:
             raise SpaceError(f"space {name!r}: no modalities given")
         self.name = name
         self._emb: dict[str, np.ndarray] = {}
+        self._fingerprints: dict[str, str] = {}
         for modality, x in embeddings.items():
             self._emb[modality] = normalized(x, f"space {name!r}, modality {modality!r}")
         dims = {m: a.shape[1] for m, a in self._emb.items()}
@@ -114,7 +166,10 @@ class Space:
         return int(self[modality].shape[0])
 
     def fingerprint(self, modality: str) -> str:
-        return fingerprint(self[modality])
+        """Content hash of one modality's embeddings (computed once: arrays are not to be changed in place)."""
+        if modality not in self._fingerprints:
+            self._fingerprints[modality] = fingerprint(self[modality])
+        return self._fingerprints[modality]
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{m}: {a.shape[0]}" for m, a in self._emb.items())

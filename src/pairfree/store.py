@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from pairfree.fileio import atomic_path
+from pairfree.fileio import UnsafePathError, atomic_path, child_path, refuse_symlink, umask
 
 FORMAT = "pairfree-embedding-store"
 FORMAT_VERSION = 1
@@ -34,6 +34,7 @@ MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
 CONSOLIDATED = "embeddings.npy"
 DTYPES = ("float16", "float32")
+_SHARD_FILE, _IDS_FILE = re.compile(r"shard-\d+\.npy"), re.compile(r"ids-\d+\.txt")
 _GARBAGE = re.compile(r"^(shard-\d+\.npy|ids-\d+\.txt|embeddings\.npy|\..*\.tmp)$")
 _TMP = re.compile(r"^\..*\.tmp$")
 _HASH_CHUNK = 1 << 22
@@ -41,6 +42,19 @@ _HASH_CHUNK = 1 << 22
 
 class StoreError(ValueError):
     """A store folder is missing, damaged or incompatible; the message names the file and field."""
+
+
+def _inside(path: Path, name: Any, where: str, pattern: re.Pattern) -> Path:
+    """A file named by the manifest: refused (StoreError) when it would leave the store folder or is
+    not one of the store's own file names (so a crafted manifest cannot make a writer delete, say,
+    a shard by calling it the stale consolidated file)."""
+    try:
+        child = child_path(path, name, where)
+    except UnsafePathError as e:
+        raise StoreError(str(e)) from None
+    if not pattern.fullmatch(name):
+        raise StoreError(f"{where}: {name!r} is not a store file name (expected {pattern.pattern})")
+    return child
 
 
 def _version() -> str:
@@ -63,15 +77,9 @@ def _check_digest(path: Path, expected: str, field: str) -> None:
         raise StoreError(f"{path}: field {field!r} mismatch (manifest {expected[:16]}..., file {digest[:16]}...)")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _publish(tmp: Path) -> None:
     """Make a temporary file (0600 from mkstemp) readable like any new file, and durable."""
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~umask())
     _fsync(tmp)
 
 
@@ -148,6 +156,23 @@ def _read_manifest(path: Path) -> dict:
         for key in ("file", "ids_file", "rows", "sha256", "ids_sha256"):
             if not isinstance(s, dict) or key not in s:
                 raise StoreError(f"{mpath}: shards[{i}] has no field {key!r}")
+        for key, pattern in (("file", _SHARD_FILE), ("ids_file", _IDS_FILE)):
+            _inside(path, s[key], f"{mpath}: field 'shards[{i}].{key}'", pattern)
+        for key in ("sha256", "ids_sha256"):
+            if not isinstance(s[key], str):
+                raise StoreError(f"{mpath}: field 'shards[{i}].{key}' must be a hex digest, got {s[key]!r}")
+        if not isinstance(s["rows"], int) or isinstance(s["rows"], bool) or s["rows"] < 0:
+            raise StoreError(f"{mpath}: field 'shards[{i}].rows' must be a non-negative integer, got {s['rows']!r}")
+    c = m.get("consolidated")
+    if c is not None:
+        if not isinstance(c, dict) or not all(k in c for k in ("file", "rows", "sha256")):
+            raise StoreError(f"{mpath}: field 'consolidated' must hold 'file', 'rows' and 'sha256', got {c!r}")
+        _inside(path, c["file"], f"{mpath}: field 'consolidated.file'", re.compile(re.escape(CONSOLIDATED)))
+    e = m["errors"]
+    _inside(path, e.get("file", ERRORS), f"{mpath}: field 'errors.file'", re.compile(re.escape(ERRORS)))
+    for key in ("count", "bytes"):
+        if not isinstance(e.get(key, 0), int) or isinstance(e.get(key, 0), bool) or e.get(key, 0) < 0:
+            raise StoreError(f"{mpath}: field 'errors.{key}' must be a non-negative integer, got {e.get(key)!r}")
     total = sum(int(s["rows"]) for s in m["shards"])
     if total != m["count"]:
         raise StoreError(f"{mpath}: field 'count' is {m['count']} but the shards hold {total} rows")
@@ -398,7 +423,7 @@ class StoreWriter:
         for p in self.path.iterdir():
             if p.name not in keep and _GARBAGE.match(p.name) and p.is_file():
                 p.unlink()
-        err = self.path / ERRORS
+        err = refuse_symlink(self.path / ERRORS)
         committed = int(self.manifest["errors"].get("bytes", 0))
         if err.exists() and err.stat().st_size != committed:
             with open(err, "r+b") as f:
@@ -444,7 +469,10 @@ class StoreWriter:
             self._commit(self._buffered)
 
     def finish(self, meta: dict[str, Any] | None = None) -> "EmbeddingStore":
-        """Commit everything and mark the store complete."""
+        """Commit everything and mark the store complete (a store without a single row never is)."""
+        if self.count + self._buffered == 0:
+            self.flush()
+            raise StoreError(f"{self.path}: no rows were added; the store is not marked complete")
         self._commit(self._buffered, complete=True, meta=meta)
         return EmbeddingStore(self.path, self.manifest)
 
@@ -473,7 +501,7 @@ class StoreWriter:
             m["consolidated"] = None
         if self._errors:
             data = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self._errors).encode("utf-8", errors="surrogateescape")
-            with open(self.path / ERRORS, "ab") as f:
+            with open(refuse_symlink(self.path / ERRORS), "ab") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

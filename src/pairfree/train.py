@@ -11,15 +11,17 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from pairfree.config import check_fields, option
+from pairfree.config import from_dict as config_from_dict
 from pairfree.fileio import atomic_path
+from pairfree.progress import progress as progress_bar
 
 StepFn = Callable[[dict[str, torch.Tensor], torch.Generator], tuple[torch.Tensor, dict[str, float]]]
 CKPT_NAME = "last.safetensors"
@@ -36,38 +38,29 @@ class LoopSettings:
     device: str = "cpu"
 
 
+AGGREGATIONS = ("exact", "topk")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and aggregation fields shared by CMCRConfig and ExMCRConfig (paper defaults)."""
 
-    epochs: int = 36
-    batch_size: int = 4096
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    seed: int = 0
-    device: str = "cpu"
-    aggregation: str = "exact"  # "exact" | "topk"
-    aggregation_k: int = 256
+    epochs: int = option(36, ge=1)
+    batch_size: int = option(4096, ge=2)
+    lr: float = option(1e-3, gt=0)
+    weight_decay: float = option(0.01, ge=0)
+    warmup_steps: int = option(0, ge=0)
+    seed: int = option(0, ge=0)
+    device: str = option("cpu", doc="torch device: cpu, cuda, cuda:1, mps")
+    aggregation: str = option("exact", choices=AGGREGATIONS, doc="memory aggregation")
+    aggregation_k: int = option(256, ge=1, doc="neighbours kept by aggregation='topk'")
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-        if self.aggregation not in ("exact", "topk"):
-            raise ValueError(f"{name}.aggregation must be 'exact' or 'topk', got {self.aggregation!r}")
-        for field in ("lr", "epochs", "batch_size", "aggregation_k"):
-            if getattr(self, field) <= 0:
-                raise ValueError(f"{name}.{field} must be > 0, got {getattr(self, field)}")
-        for field in ("weight_decay", "warmup_steps"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"{name}.{field} must be >= 0, got {getattr(self, field)}")
+        check_fields(self)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config"):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, source)
 
     def loop_settings(self) -> LoopSettings:
         return LoopSettings(self.epochs, self.batch_size, self.lr, self.weight_decay, self.warmup_steps,
@@ -97,6 +90,7 @@ def _pack_state(module, opt, sched, gen, epoch: int, history: list, run_key: str
         "epoch": epoch,
         "history": history,
         "run_key": run_key,
+        "threads": torch.get_num_threads(),
         "param_groups": opt_state["param_groups"],
         "sched_last_epoch": sched.last_epoch,
     }
@@ -109,31 +103,80 @@ def save_training_state(path: Path, module, opt, sched, gen, epoch, history, run
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def load_training_state(path: Path, module, opt, sched, gen, run_key: str) -> tuple[int, list]:
+def checkpoint_meta(path: Path) -> dict:
+    """The JSON header of a training checkpoint; ValueError naming the file when it is not one."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["pairfree_train"])
-        tensors = load_file(str(path))
-    except Exception as e:  # corrupt or foreign file
-        raise ValueError(f"cannot resume from {path}: not a pairfree training checkpoint ({e})") from e
+            meta = json.loads((f.metadata() or {})["pairfree_train"])
+        for key, typ in (("epoch", int), ("history", list), ("run_key", str), ("param_groups", list),
+                         ("sched_last_epoch", int)):
+            if not isinstance(meta.get(key), typ):
+                raise ValueError(f"field {key!r} missing or not {typ.__name__}")
+    except Exception as e:  # corrupt, truncated or foreign file
+        raise ValueError(f"cannot resume from {path}: not a pairfree training checkpoint ({e})") from None
+    return meta
+
+
+def check_resume(ckpt_dir: str | Path | None, run_key: str) -> None:
+    """Raise before anything is touched when `ckpt_dir` holds a checkpoint another run wrote: other
+    data or settings, or another CPU thread count (which changes float rounding, so a resumed run
+    would no longer equal an uninterrupted one)."""
+    if ckpt_dir is None or not (Path(ckpt_dir) / CKPT_NAME).exists():
+        return
+    path = Path(ckpt_dir) / CKPT_NAME
+    meta = checkpoint_meta(path)
     if meta["run_key"] != run_key:
         raise ValueError(
             f"cannot resume from {path}: it was written for different data or settings "
             f"(run key {meta['run_key'][:12]} != {run_key[:12]}); use a new output folder or --restart"
         )
-    module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    threads = meta.get("threads")
+    if threads is not None and threads != torch.get_num_threads():
+        raise ValueError(
+            f"cannot resume from {path}: it was written with {threads} CPU threads and this process uses "
+            f"{torch.get_num_threads()}; results would differ from an uninterrupted run. Pass --threads {threads} "
+            f"(or set OMP_NUM_THREADS={threads}), or --restart"
+        )
+
+
+def load_training_state(path: Path, module, opt, sched, gen, run_key: str) -> tuple[int, list]:
+    check_resume(path.parent, run_key)
+    meta = checkpoint_meta(path)
+    try:
+        tensors = load_file(str(path))
+        module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        gen.set_state(tensors["rng"])
+    except Exception as e:  # a tampered or damaged checkpoint: shapes, keys, RNG state
+        raise ValueError(f"cannot resume from {path}: the checkpoint does not fit this model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     sched.last_epoch = meta["sched_last_epoch"]
     sched._last_lr = [g["lr"] for g in opt.param_groups]
-    gen.set_state(tensors["rng"])
     return int(meta["epoch"]), list(meta["history"])
+
+
+def start_run(checkpoints: dict[Path | None, str], restart: bool = False,
+              on_start: Callable[[], None] | None = None) -> None:
+    """What a fit does once its inputs are validated and before it writes anything: refuse a
+    checkpoint of another run (unless `restart`), call `on_start` (the CLI writes config.yaml
+    there), then forget the previous training state when restarting.
+    `checkpoints`: {checkpoint folder or None: run key}."""
+    if not restart:
+        for ckpt_dir, key in checkpoints.items():
+            check_resume(ckpt_dir, key)
+    if on_start is not None:
+        on_start()
+    if restart:
+        for ckpt_dir in checkpoints:
+            if ckpt_dir is not None and (Path(ckpt_dir) / CKPT_NAME).exists():
+                (Path(ckpt_dir) / CKPT_NAME).unlink()
 
 
 def run(
@@ -170,7 +213,7 @@ def run(
     ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir is not None else None
     if ckpt is not None and ckpt.exists():
         start_epoch, history = load_training_state(ckpt, module, opt, sched, gen, run_key)
-    bar = tqdm(total=total, initial=start_epoch * n_batches, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total, desc, progress, unit="step", initial=start_epoch * n_batches)
     for epoch in range(start_epoch, settings.epochs):
         module.train()
         t0, sums = time.perf_counter(), {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -15,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pairfree.fileio import atomic_path, write_json
+from pairfree.fileio import atomic_path, user_cache_dir, write_json
 from pairfree.toy.evaluate import chance, evaluate_unified
 
 
@@ -173,7 +172,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="toy-world and training seed")
     p.add_argument("--groups", help=f"comma-separated subset of {list(GROUPS)}")
     p.add_argument("--no-ulip", action="store_true", help="skip the default fit with both leaves (3d tasks)")
-    p.add_argument("--cache-dir", default=os.environ.get("PAIRFREE_CACHE", ".cache/pairfree"),
-                   help="toy-world and pseudo-data cache")
+    p.add_argument("--cache-dir", default=str(user_cache_dir()),
+                   help="toy-world and pseudo-data cache ($PAIRFREE_CACHE, else $XDG_CACHE_HOME/pairfree, "
+                        "else ~/.cache/pairfree)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_ablate)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pairfree.fileio import atomic_path, write_json
+from pairfree.fileio import atomic_path, user_cache_dir, write_json
 
 METRICS = ("R@1", "R@5", "mAP")
 METHODS = ("random", "ridge", "procrustes", "cmcr_plain", "cmcr", "supervised")
@@ -77,7 +77,7 @@ DEMO_EPOCHS, DEMO_BATCH = 12, 1024
 
 
 def run_demo(out: str | Path = "runs/demo", preset: str = "demo", seed: int = 0, epochs: int = DEMO_EPOCHS,
-             batch_size: int = DEMO_BATCH, cache_dir: str | Path | None = ".cache/pairfree", progress: bool = True,
+             batch_size: int = DEMO_BATCH, cache_dir: str | Path | None = None, progress: bool = True,
              with_exmcr: bool = True) -> dict[str, Any]:
     from pairfree.toy import ToyWorldConfig, make_world
 
@@ -201,7 +201,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="epochs of every trained method (papers: 36)")
     p.add_argument("--batch-size", type=int, default=DEMO_BATCH, help="batch size of every trained method (papers: 4096)")
-    p.add_argument("--cache-dir", default=".cache/pairfree")
+    p.add_argument("--cache-dir", default=str(user_cache_dir()),
+                   help="toy-world and pseudo-data cache ($PAIRFREE_CACHE, else $XDG_CACHE_HOME/pairfree, "
+                        "else ~/.cache/pairfree); '' for none")
     p.add_argument("--no-exmcr", action="store_true", help="skip the Ex-MCR rows")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from pairfree.encode import __doc__ as ENCODE_DOC
 from pairfree.encode import encode
@@ -44,8 +43,4 @@ def _main(args: argparse.Namespace) -> int:
         retry_errors=args.retry_errors, progress=not args.quiet,
     )
     print(res.summary())
-    if res.encoded == 0 and res.skipped == 0:
-        print(f"pairfree encode: error: none of the {res.total} inputs could be read; reasons in "
-              f"{res.out / 'errors.jsonl'}", file=sys.stderr)
-        return 1
     return 0

@@ -32,6 +32,23 @@ def require(module: str, extra: str) -> Any:
         raise ImportError(f"{module!r} is not installed: pip install 'pairfree[{extra}]'") from e
 
 
+@contextlib.contextmanager
+def loading(kind: str, source: str, local: bool) -> Iterator[None]:
+    """Load a checkpoint from a local path or the Hub: offline it fails fast (`pairfree.remote`), and
+    a file the library refuses becomes one ValueError naming it, instead of a deep traceback."""
+    from pairfree.remote import OfflineError, hub_access
+
+    ctx = contextlib.nullcontext() if local else hub_access(f"{kind} checkpoint", source)
+    try:
+        with ctx:
+            yield
+    except (OfflineError, ImportError):
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"{kind} checkpoint {source}: cannot be loaded ({type(e).__name__}: {first})") from e
+
+
 def torch_dtype(name: str) -> "torch.dtype":
     import torch
 

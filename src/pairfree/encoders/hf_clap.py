@@ -26,7 +26,7 @@ import numpy as np
 
 from pairfree.encoders.base import Encoder
 from pairfree.encoders.hf_clip import model_features, pad_token_batch, tokenize_ids
-from pairfree.encoders.common import fixed_numpy_seed, import_torchvision, require, torch_dtype
+from pairfree.encoders.common import fixed_numpy_seed, import_torchvision, loading, require, torch_dtype
 
 __all__ = ["HFCLAPEncoder", "mel_features"]
 
@@ -74,9 +74,10 @@ class HFCLAPEncoder(Encoder):
         self.path = os.fspath(path_or_id)
         self.id = f"hf-clap:{self.path}"
         self.torch_dtype = torch_dtype(dtype)
-        model = ClapModel.from_pretrained(self.path, **from_pretrained)
+        with loading("hf-clap", self.path, os.path.isdir(self.path)):
+            model = ClapModel.from_pretrained(self.path, **from_pretrained)
+            processor = ClapProcessor.from_pretrained(self.path, **from_pretrained)
         self.model = model.to(device=device, dtype=self.torch_dtype).eval()
-        processor = ClapProcessor.from_pretrained(self.path, **from_pretrained)
         self.tokenizer = processor.tokenizer
         self.feature_extractor = processor.feature_extractor
         self.sample_rate = int(self.feature_extractor.sampling_rate)

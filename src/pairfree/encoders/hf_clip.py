@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pairfree.encoders.base import Encoder
-from pairfree.encoders.common import import_torchvision, require, torch_dtype
+from pairfree.encoders.common import import_torchvision, loading, require, torch_dtype
 
 __all__ = ["HFCLIPEncoder", "model_features", "pad_token_batch", "tokenize_ids"]
 
@@ -81,9 +81,10 @@ class HFCLIPEncoder(Encoder):
         self.path = os.fspath(path_or_id)
         self.id = f"hf-clip:{self.path}"
         self.torch_dtype = torch_dtype(dtype)
-        model = CLIPModel.from_pretrained(self.path, **from_pretrained)
+        with loading("hf-clip", self.path, os.path.isdir(self.path)):
+            model = CLIPModel.from_pretrained(self.path, **from_pretrained)
+            processor = CLIPProcessor.from_pretrained(self.path, **from_pretrained)
         self.model = model.to(device=device, dtype=self.torch_dtype).eval()
-        processor = CLIPProcessor.from_pretrained(self.path, **from_pretrained)
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.dim = int(model.config.projection_dim)

@@ -158,7 +158,10 @@ def import_laion_clap(redirects: Mapping[str, str] | None = None) -> Any:
         require("transformers", "clap")
         import_torchvision()
         import_torchaudio()  # a torchaudio whose extension fails would otherwise break laion_clap's import
-        with redirect_hub_names(redirects):
+        from pairfree.remote import hub_access
+
+        hint = "hub_redirects={'roberta-base': LOCAL_DIR, ...} points laion_clap at local copies"
+        with redirect_hub_names(redirects), hub_access("laion_clap tokenizer", "roberta-base", hint):
             require("laion_clap", "clap")
     data = sys.modules["laion_clap.training.data"]
     if getattr(data, "torchaudio", None) is None:
@@ -178,7 +181,10 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
         raise FileNotFoundError(f"laion-clap checkpoint {path!r}: no such file, and not one of the ids {list(CHECKPOINTS)}")
     from huggingface_hub import hf_hub_download
 
-    return hf_hub_download(HF_REPO, f"{name}.pt")
+    from pairfree.remote import hub_access
+
+    with hub_access("laion-clap checkpoint", f"{HF_REPO}/{name}.pt", hint="pass the path of the .pt file"):
+        return hf_hub_download(HF_REPO, f"{name}.pt")
 
 
 def load_state(path: str) -> dict[str, Any]:
@@ -260,7 +266,10 @@ class LaionCLAPEncoder(Encoder):
         state = load_state(self.path)  # a bad file fails here, before the slow model build
         laion_clap = import_laion_clap(hub_redirects)
         self.enable_fusion = is_fusion_state(state) if enable_fusion is None else bool(enable_fusion)
-        with redirect_hub_names(hub_redirects):
+        from pairfree.remote import hub_access
+
+        with redirect_hub_names(hub_redirects), hub_access("laion_clap text model", "roberta-base",
+                                                           "hub_redirects={'roberta-base': LOCAL_DIR}"):
             module = laion_clap.CLAP_Module(enable_fusion=self.enable_fusion, device="cpu", amodel=amodel)
         report = mismatch_report(module.model, state)
         if report:

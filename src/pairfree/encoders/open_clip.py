@@ -12,13 +12,14 @@ Features are `encode_image` / `encode_text` (unnormalised; the base `encode` nor
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 
 from pairfree.encoders.base import Encoder
 from pairfree.encoders.hf_clip import as_rgb
-from pairfree.encoders.common import import_torchvision, require, torch_dtype
+from pairfree.encoders.common import import_torchvision, loading, require, torch_dtype
 
 __all__ = ["OpenCLIPEncoder", "split_model_pretrained"]
 
@@ -48,9 +49,12 @@ class OpenCLIPEncoder(Encoder):
         self.model_name, self.pretrained = split_model_pretrained(spec)
         self.id = f"open_clip:{spec}"
         self.torch_dtype = torch_dtype(dtype)
-        model, _, self.transform = open_clip.create_model_and_transforms(
-            self.model_name, pretrained=self.pretrained, device="cpu", **create_options
-        )
+        local = self.pretrained is None and not self.model_name.startswith("hf-hub:") or (
+            self.pretrained is not None and os.path.isfile(self.pretrained))
+        with loading("open_clip", spec, local):
+            model, _, self.transform = open_clip.create_model_and_transforms(
+                self.model_name, pretrained=self.pretrained, device="cpu", **create_options
+            )
         self.model = model.to(device=device, dtype=self.torch_dtype).eval()
         self.tokenizer = open_clip.get_tokenizer(self.model_name)
         config = open_clip.get_model_config(self.model_name) or {}

@@ -110,6 +110,9 @@ def load_encoder(spec: str, device: str = "cpu", dtype: str = "float32", **optio
     kind, rest = parse_spec(spec)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    from pairfree.devices import resolve_device
+
+    resolve_device(device)
     try:
         encoder = _REGISTRY[kind](rest, device=device, dtype=dtype, **options)
     except ModuleNotFoundError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pairfree.fileio import user_cache_dir
 from pairfree.toy.config import PRESETS, ToyWorldConfig
 from pairfree.toy.world import ToyWorld, make_world
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pairfree.toy", description=__doc__)
     ap.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", default=".cache/pairfree/toy", help="cache folder ('' for none)")
+    ap.add_argument("--cache", default=str(user_cache_dir("toy")), help="cache folder ('' for none)")
     args = ap.parse_args(argv)
     world = make_world(ToyWorldConfig(seed=args.seed, preset=args.preset), cache_dir=args.cache or None)
     print(f"built in {world.info['build_seconds']['total']:.1f} s; sizes {world.info['sizes']}")

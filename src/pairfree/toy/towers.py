@@ -58,7 +58,7 @@ def train_dual(
     progress: bool,
 ) -> dict[str, float]:
     """Symmetric InfoNCE over in-batch negatives, AdamW, cosine decay; returns final loss / temperature."""
-    from tqdm.auto import tqdm
+    from pairfree.progress import progress as progress_bar
 
     a_raw, b_raw = (torch.from_numpy(np.ascontiguousarray(x)) for x in data)
     for tower, raw in zip(towers, (a_raw, b_raw)):
@@ -76,7 +76,7 @@ def train_dual(
     ema = None
     for t in towers:
         t.train()
-    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+    with progress_bar(total, desc, progress, unit="step") as bar:
         for _ in range(epochs):
             order = torch.randperm(n, generator=gen)
             for s in range(steps_per_epoch):
