@@ -176,12 +176,14 @@ def resolve_config(cls, args: argparse.Namespace, yaml_path: str | Path | None =
     `--epochs 1.5` are refused the same way (naming the flag)."""
     values: dict[str, Any] = read_yaml(yaml_path) if yaml_path else {}
     config = from_dict(cls, values, str(yaml_path or "defaults"))
-    flags = {f.name: getattr(args, f"cfg_{f.name}", None) for f in dataclasses.fields(cls)}
-    flags = {k: v for k, v in flags.items() if v is not None}
-    if not flags:
-        return config
-    source = "command line (" + ", ".join("--" + k.replace("_", "-") for k in flags) + ")"
-    return from_dict(cls, {**dataclasses.asdict(config), **flags}, source)
+    flags = {}
+    for f in dataclasses.fields(cls):
+        given = getattr(args, f"cfg_{f.name}", None)
+        if given is not None:
+            typ, optional = field_type(cls, f)
+            where = f"command line --{f.name.replace('_', '-')}"
+            flags[f.name] = coerce(given, typ, f.metadata.get("rules", {}), optional, where)
+    return from_dict(cls, {**dataclasses.asdict(config), **flags}, "command line") if flags else config
 
 
 def save_yaml(path: str | Path, config, header: str = "") -> None:

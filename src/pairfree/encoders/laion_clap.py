@@ -152,9 +152,13 @@ def _torchaudio_standin() -> Any:
     return types.SimpleNamespace(transforms=transforms, __name__="pairfree torchaudio stand-in")
 
 
+MIN_VERSION = (1, 1, 6)  # 1.1.4/1.1.5 import their data module as a top-level `training` and squeeze batches
+
+
 def import_laion_clap(redirects: Mapping[str, str] | None = None) -> Any:
     """Import `laion_clap` (its import loads three hub tokenizers: see `redirect_hub_names`)."""
     if sys.modules.get("laion_clap") is None:
+        _check_version()
         require("transformers", "clap")
         import_torchvision()
         import_torchaudio()  # a torchaudio whose extension fails would otherwise break laion_clap's import
@@ -364,6 +368,19 @@ def _default_dtype(dtype: Any) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def _check_version() -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("laion_clap")
+    except PackageNotFoundError:
+        return  # not installed: `require` names the extra
+    parts = tuple(int(p) for p in found.split(".")[:3] if p.isdigit())
+    if parts < MIN_VERSION:
+        raise ImportError(f"laion_clap {found} is too old (pairfree needs >= {'.'.join(map(str, MIN_VERSION))}): "
+                          "pip install -U 'laion_clap>=1.1.6'")
 
 
 def _check_installed(module: str, extra: str) -> None:
