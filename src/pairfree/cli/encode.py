@@ -25,8 +25,9 @@ def add_parser(subparsers) -> None:
                    help="DataLoader workers (local) or encoder actors (ray)")
     p.add_argument("--shard-size", type=int, default=65536, help="rows per committed shard")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float32", help="storage dtype of the embeddings")
-    p.add_argument("--model-dtype", default="float32", help="dtype the encoder runs in (passed to the registry)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--model-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype the encoder runs in")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--column", help="column / key of the texts in .csv, .tsv, .jsonl, .parquet inputs")
     p.add_argument("--backend", choices=["local", "ray"], default="local")
     p.add_argument("--limit", type=int, help="encode only the first N inputs (in listing order)")
