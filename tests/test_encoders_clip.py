@@ -8,7 +8,6 @@ vocab.json / merges.txt are rebuilt from the BPE file open_clip ships, as OpenAI
 
 from __future__ import annotations
 
-import gzip
 import json
 import pickle
 
@@ -17,6 +16,7 @@ import pytest
 
 from pairfree.encoders.common import import_torchvision
 from pairfree.encoders.registry import load_encoder  # noqa: E402
+from tiny_checkpoints import write_tiny_hf_clip  # noqa: E402
 
 try:
     import_torchvision()  # before transformers / open_clip import torchvision themselves
@@ -39,37 +39,9 @@ def images(n=3, seed=0):
     return [Image.fromarray((rng.random((40 + 7 * i, 50 - 3 * i, 3)) * 255).astype("uint8")) for i in range(n)]
 
 
-def write_clip_bpe(directory):
-    """vocab.json + merges.txt of OpenAI's CLIP tokenizer, from open_clip's bundled BPE merges."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-
-
 @pytest.fixture(scope="module")
 def hf_clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    d = tmp_path_factory.mktemp("hf_clip")
-    write_clip_bpe(d)
-    tokenizer = CLIPTokenizer.from_pretrained(d)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(d)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(d)
-    return d
+    return write_tiny_hf_clip(tmp_path_factory.mktemp("hf_clip"))
 
 
 @pytest.fixture(scope="module")

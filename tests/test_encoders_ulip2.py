@@ -31,50 +31,7 @@ from pairfree.encoders.pointbert import (
 )
 from pairfree.encoders.ulip2 import ULIP2Encoder, pc_normalize, preprocess_image, preprocess_points, tokenize
 from pf_testing import reference
-
-TINY = ULIP2Config(
-    num_group=16, group_size=8, enc_conv1=16, enc_conv2=24, enc_conv3=32, encoder_dims=20, pos_hidden=12,
-    point_width=32, point_depth=2, point_heads=4, point_mlp=48,
-    image_size=32, patch_size=8, vision_width=24, vision_depth=2, vision_heads=2, vision_mlp=48,
-    vocab_size=60, context_length=12, text_width=16, text_depth=2, text_heads=2, text_mlp=32,
-    embed_dim=10,
-)  # fmt: skip
-# what tensor shapes cannot tell travels in the checkpoint's args, as the official file's args would
-TINY_ARGS = dict(num_group=16, group_size=8, point_heads=4, vision_heads=2, text_heads=2)
-
-
-def random_state_dict(cfg: ULIP2Config, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in ULIP2(cfg).state_dict().items():
-        if k.endswith("num_batches_tracked"):
-            sd[k] = torch.tensor(7)
-        elif k.endswith("running_var"):
-            sd[k] = torch.rand(v.shape, generator=g) + 0.5
-        elif k.endswith("running_mean"):
-            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
-        elif any(
-            k.endswith(s)
-            for s in (
-                "norm1.weight",
-                "norm2.weight",
-                "norm.weight",
-                "ln_1.weight",
-                "ln_2.weight",
-                "ln_final.weight",
-                "conv.1.weight",
-            )
-        ):
-            sd[k] = 1 + 0.1 * torch.randn(v.shape, generator=g)
-        else:  # weights ~ 1/sqrt(fan-in), vectors 0.2: activations stay O(1) through the towers
-            sd[k] = torch.randn(v.shape, generator=g) * (0.2 if v.dim() < 2 else (v.numel() / v.shape[0]) ** -0.5)
-    return sd
-
-
-def save_official(path, sd, **args):
-    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}, "args": argparse.Namespace(**args)}, path)
-    return path
-
+from tiny_checkpoints import TINY, TINY_ARGS, random_state_dict, save_official
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -224,7 +224,7 @@ def test_fit_embed_and_frozen_base(rng, tmp_path):
     X = unit(rng, 5, 12)
     np.testing.assert_array_equal(again.embed("clap", "audio", X), model.embed("clap", "audio", X))
     assert json.loads((tmp_path / "m" / "config.json").read_text())["leaves"]["ulip"]["overlap"] == "image"
-    from pairfree.cli.train import load_model
+    from pairfree.models import load_model
 
     assert isinstance(load_model(tmp_path / "m"), pf.ExMCR)
 

@@ -19,6 +19,8 @@ _LAZY = {
     "ExMCR": "pairfree.extend",
     "ExMCRConfig": "pairfree.extend",
     "load_encoder": "pairfree.encoders.registry",
+    "load_model": "pairfree.models",
+    "UnifiedModel": "pairfree.unified",
     "metrics": "pairfree.metrics",
     "baselines": "pairfree.baselines",
 }

@@ -122,6 +122,59 @@ class LinearMap:
         state = f"{list(self.spaces)}, overlap={self.overlap!r}" if self.fitted else "not fitted"
         return f"{type(self).__name__}({state})"
 
+    # ---- files: the same folder format as the learned models (safetensors + config.json)
+    def save(self, path):
+        import torch
+
+        from pairfree.checkpoint import save_model
+
+        if not self.fitted:
+            raise ValueError(f"nothing to save: this {type(self).__name__} is not fitted yet")
+        tensors = {"W": torch.from_numpy(np.ascontiguousarray(self.W)), "mu_x": torch.from_numpy(self.mu_x),
+                   "mu_y": torch.from_numpy(self.mu_y)}
+        meta = {"method": self.method, "spaces": self.spaces, "target": self.target, "overlap": self.overlap,
+                "params": self._params()}
+        return save_model(path, _Tensors(tensors), meta)
+
+    def _params(self) -> dict:
+        return {k: getattr(self, k) for k in ("alpha_", "center", "seed") if hasattr(self, k)}
+
+    @classmethod
+    def load(cls, path) -> "LinearMap":
+        from pairfree.checkpoint import CONFIG, WEIGHTS, dim_field, field, modalities_field, name_field, read_model
+
+        meta, state, folder = read_model(path, cls.method)
+        where = str(folder / CONFIG)
+        model = cls()
+        for name, info in field(meta, "spaces", dict, where).items():
+            here = f"{where}: spaces[{name!r}]"
+            name_field({"name": name}, "name", here)
+            model.spaces[name] = {"dim": dim_field(info, "dim", here), "modalities": modalities_field(info, "modalities", here)}
+        model.target = field(meta, "target", str, where)
+        if len(model.spaces) != 2 or model.target not in model.spaces:
+            raise ValueError(f"{where}: field 'target' must name one of the two spaces {list(model.spaces)}")
+        model.overlap = meta.get("overlap")
+        source = next(n for n in model.spaces if n != model.target)
+        want = {"W": (model.spaces[source]["dim"], model.spaces[model.target]["dim"]),
+                "mu_x": (model.spaces[model.target]["dim"],), "mu_y": (model.spaces[source]["dim"],)}
+        if set(state) != set(want) or any(tuple(state[k].shape) != v for k, v in want.items()):
+            raise ValueError(f"{folder / WEIGHTS}: expected tensors {want}, found "
+                             f"{ {k: tuple(v.shape) for k, v in state.items()} }")
+        model.W, model.mu_x, model.mu_y = (state[k].double().numpy() for k in ("W", "mu_x", "mu_y"))
+        for k, v in meta.get("params", {}).items():
+            setattr(model, k, v)
+        return model
+
+
+class _Tensors:
+    """The `state_dict()` interface `save_model` expects, for plain tensors."""
+
+    def __init__(self, tensors):
+        self._t = tensors
+
+    def state_dict(self):
+        return self._t
+
 
 class RidgeMap(LinearMap):
     """Ridge regression from Y's overlap rows onto X's: W = (Y^T Y + alpha I)^-1 Y^T X.

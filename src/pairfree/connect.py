@@ -80,6 +80,7 @@ class CMCR:
         self.history: list[dict] = []
         self.timings: dict[str, float] = {}
         self.fitted_run_key: str | None = None  # run_key of the data and config it was trained on
+        self.training_data: dict[str, dict] = {}  # space -> modality -> {"rows", "fingerprint"}
 
     # ---- building -------------------------------------------------------------------------
     def _build(self, spaces: dict[str, dict[str, Any]]) -> nn.ModuleDict:
@@ -131,6 +132,7 @@ class CMCR:
         train.start_run({None if run_dir is None else Path(run_dir): run_key}, restart, on_start)
         self._build({s.name: {"dim": s.dim, "modalities": [overlap, mods[s.name]]} for s in (x, y)})
         self.overlap, self.fitted_run_key = overlap, run_key
+        self.training_data = {s.name: s.describe() for s in (x, y)}
         data = {"tx": as_tensor(x[overlap]), "ty": as_tensor(y[overlap])}
         t0 = time.perf_counter()
         if cfg.semantic_consistency:
@@ -186,11 +188,19 @@ class CMCR:
             raise ValueError(f"space {space!r} has modalities {info['modalities']}, not {modality!r}")
         X = embedding_rows(X, info["dim"], f"embed({space!r}, {modality!r})", f" from {space!r}'s {modality} encoder")
         head = self.heads[space].eval()
+        w = next(head.parameters())
         out = []
         with torch.inference_mode():
             for s in range(0, len(X), batch_size):
-                out.append(F.normalize(head(as_tensor(X[s : s + batch_size]).float()), dim=-1).numpy())
+                x = as_tensor(X[s : s + batch_size]).to(w.device, w.dtype)
+                out.append(F.normalize(head(x).float(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.out_dim), np.float32)
+
+    def to(self, device: str = "cpu", dtype: str | None = None) -> "CMCR":
+        """Run `embed` on `device` (and in `dtype`, e.g. "float16"); outputs stay float32 numpy."""
+        if self.heads is not None:
+            self.heads.to(device=resolve_device(device), dtype=getattr(torch, dtype) if dtype else None)
+        return self
 
     # ---- files ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -198,7 +208,7 @@ class CMCR:
             raise ValueError("nothing to save: this CMCR model is not fitted or loaded yet")
         meta = {"method": self.method, "config": asdict(self.config), "spaces": self.spaces,
                 "overlap": self.overlap, "history": self.history, "timings": self.timings,
-                "run_key": self.fitted_run_key}
+                "run_key": self.fitted_run_key, "training_data": self.training_data}
         return save_model(path, self.heads, meta)
 
     @classmethod
@@ -217,7 +227,7 @@ class CMCR:
         overlap = field(meta, "overlap", str, where)
         model.heads = materialize(lambda: model._build(spaces), state, folder / WEIGHTS)
         model.overlap, model.history, model.timings = overlap, meta.get("history", []), meta.get("timings", {})
-        model.fitted_run_key = meta.get("run_key")
+        model.fitted_run_key, model.training_data = meta.get("run_key"), meta.get("training_data", {})
         return model
 
     # Official releases: which head projects which space (reference/README.md, DESIGN §5).

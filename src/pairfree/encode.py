@@ -174,8 +174,8 @@ def list_inputs(inputs: Sequence[str | Path], modality: str, column: str | None 
     return unique
 
 
-def load_item(item: Item, modality: str, sample_rate: int | None = None) -> Any:
-    """The raw model input of one item (PIL image, waveform, points or str)."""
+def load_item(item: Item, modality: str, sample_rate: int | None = None, profile: str = "default") -> Any:
+    """The raw model input of one item (PIL image, waveform, points or str), loaded as `profile` says."""
     from pairfree import media
 
     if item.kind == "text":
@@ -193,8 +193,8 @@ def load_item(item: Item, modality: str, sample_rate: int | None = None) -> Any:
             if not text:
                 raise MediaError(f"{item.id}: empty text")
             return text
-        return media.load(modality, data, sample_rate=sample_rate, name=item.member)
-    return media.load(modality, item.path, sample_rate=sample_rate)
+        return media.load(modality, data, sample_rate=sample_rate, name=item.member, profile=profile)
+    return media.load(modality, item.path, sample_rate=sample_rate, profile=profile)
 
 
 # ------------------------------------------------------------------------------------ encoders
@@ -202,31 +202,31 @@ def load_item(item: Item, modality: str, sample_rate: int | None = None) -> Any:
 EncoderLike = Union[str, "Encoder", Callable[[], "Encoder"]]  # noqa: F821
 
 
-def load_encoder(spec: str, device: str = "cpu", dtype: str = "float32"):
+def load_encoder(spec: str, device: str = "cpu", dtype: str = "float32", profile: str = "default"):
     """An encoder from the registry (`pairfree.encoders.registry.load_encoder`; new kinds are added
     with `pairfree.encoders.registry.register_encoder`)."""
     from pairfree.encoders.registry import load_encoder as registry_load
 
-    return registry_load(spec, device, dtype)
+    return registry_load(spec, device, dtype, profile=profile)
 
 
-def _load_by_spec(spec: str, device: str, dtype: str):
-    return sys.modules[__name__].load_encoder(spec, device, dtype)
+def _load_by_spec(spec: str, device: str, dtype: str, profile: str):
+    return sys.modules[__name__].load_encoder(spec, device, dtype, profile)
 
 
-def _resolve(encoder: EncoderLike, device: str, dtype: str):
+def _resolve(encoder: EncoderLike, device: str, dtype: str, profile: str = "default"):
     from pairfree.encoders.base import Encoder
 
     if isinstance(encoder, Encoder):
         return encoder
     if isinstance(encoder, str):
-        return _load_by_spec(encoder, device, dtype)
+        return _load_by_spec(encoder, device, dtype, profile)
     if callable(encoder):
         return encoder()
     raise TypeError(f"encoder must be a registry spec, an Encoder or a factory, got {type(encoder).__name__}")
 
 
-def _factory(spec: str, device: str, dtype: str) -> Callable[[], Any]:
+def _factory(spec: str, device: str, dtype: str, profile: str = "default") -> Callable[[], Any]:
     """A picklable zero-argument factory for Ray actors (each loads the model itself).
 
     The registry entry of the spec's kind travels with it, so a kind registered in the driver with
@@ -236,14 +236,15 @@ def _factory(spec: str, device: str, dtype: str) -> Callable[[], Any]:
     from pairfree.encoders import registry
 
     kind, _ = registry.parse_spec(spec)
-    return functools.partial(_load_in_worker, spec, device, dtype, kind, registry._REGISTRY[kind])
+    return functools.partial(_load_in_worker, spec, device, dtype, kind, registry._REGISTRY[kind], profile)
 
 
-def _load_in_worker(spec: str, device: str, dtype: str, kind: str, kind_factory: Callable[..., Any]):
+def _load_in_worker(spec: str, device: str, dtype: str, kind: str, kind_factory: Callable[..., Any],
+                    profile: str = "default"):
     from pairfree.encoders import registry
 
     registry.register_encoder(kind, kind_factory, overwrite=True)
-    return registry.load_encoder(spec, device, dtype)
+    return registry.load_encoder(spec, device, dtype, profile=profile)
 
 
 def _identity(x):
@@ -256,15 +257,16 @@ def _identity(x):
 class _Items:
     """torch Dataset: load + preprocess one item; failures come back as (index, None, reason)."""
 
-    def __init__(self, items: list[Item], modality: str, encoder, sample_rate: int | None):
+    def __init__(self, items: list[Item], modality: str, encoder, sample_rate: int | None, profile: str):
         self.items, self.modality, self.encoder, self.sample_rate = items, modality, encoder, sample_rate
+        self.profile = profile
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
         try:
-            raw = load_item(self.items[i], self.modality, self.sample_rate)
+            raw = load_item(self.items[i], self.modality, self.sample_rate, self.profile)
             return i, self.encoder.preprocess(self.modality, raw), None
         except ITEM_ERRORS as e:
             return i, None, _reason(e)
@@ -294,12 +296,12 @@ def _forward(encoder, modality: str, batch) -> np.ndarray:
     return F.normalize(z.float(), dim=-1).cpu().numpy()
 
 
-def _run_local(todo, modality, enc, writer, batch_size, workers, bar):
+def _run_local(todo, modality, enc, writer, batch_size, workers, bar, profile="default"):
     import torch
     from torch.utils.data import DataLoader
 
     loader = DataLoader(
-        _Items(todo, modality, enc, enc.sample_rate),
+        _Items(todo, modality, enc, enc.sample_rate, profile),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -320,10 +322,10 @@ def _run_local(todo, modality, enc, writer, batch_size, workers, bar):
 class _RayEncoder:
     """Ray Data actor: one encoder per worker; load + preprocess + forward a batch of items."""
 
-    def __init__(self, factory, modality: str):
+    def __init__(self, factory, modality: str, profile: str = "default"):
         self.encoder = factory()
         _check_encoder(self.encoder, modality)
-        self.modality = modality
+        self.modality, self.profile = modality, profile
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -334,7 +336,7 @@ class _RayEncoder:
         for k in range(n):
             item = Item(**{f: _scalar(batch[f][k]) for f in Item.__dataclass_fields__})
             try:
-                xs.append(enc.preprocess(modality, load_item(item, modality, enc.sample_rate)))
+                xs.append(enc.preprocess(modality, load_item(item, modality, enc.sample_rate, self.profile)))
                 ok.append(k)
             except ITEM_ERRORS as e:
                 reasons[k] = _reason(e)
@@ -349,7 +351,7 @@ def _scalar(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def _run_ray(todo, modality, factory, writer, batch_size, workers, device, bar):
+def _run_ray(todo, modality, factory, writer, batch_size, workers, device, bar, profile="default"):
     try:
         import ray
         import ray.data
@@ -363,7 +365,7 @@ def _run_ray(todo, modality, factory, writer, batch_size, workers, device, bar):
         rows = [{"pos": k, **asdict(it)} for k, it in enumerate(todo)]
         ds = ray.data.from_items(rows).map_batches(
             _RayEncoder,
-            fn_constructor_kwargs={"factory": factory, "modality": modality},
+            fn_constructor_kwargs={"factory": factory, "modality": modality, "profile": profile},
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
@@ -427,10 +429,13 @@ def encode(
     limit: int | None = None,
     retry_errors: bool = False,
     progress: bool = True,
+    profile: str = "default",
 ) -> EncodeResult:
     """Encode `inputs` into the store `out` (created, or resumed when it exists); see the module doc.
 
-    `encoder` is a registry spec, an `Encoder`, or a zero-argument factory returning one.
+    `encoder` is a registry spec, an `Encoder`, or a zero-argument factory returning one. `profile`
+    chooses the preprocessing ("default" or "official", `pairfree.media.profiles`); it is part of
+    the store's header, so a store is never resumed with another one.
     Raises ValueError when there is nothing to encode, or when no input could be read (naming the
     first reasons); no store is created in either case.
     """
@@ -454,17 +459,20 @@ def encode(
                         dtype=manifest["dtype"], shard_size=shard_size).finish()
         return EncodeResult(out, len(items), len(items), 0, 0, time.perf_counter() - start)
 
+    from pairfree.media.profiles import get_profile
+
+    profile = get_profile(profile).name
     meta = {"encoder_spec": encoder if isinstance(encoder, str) else None, "batch_size": batch_size,
             "backend": backend, "model_dtype": model_dtype}
 
     def open_writer(enc_id: str, dim: int):
         return StoreWriter(out, encoder=enc_id, modality=modality, dim=int(dim), dtype=dtype,
-                           shard_size=shard_size, meta=meta, retry_errors=retry_errors)
+                           shard_size=shard_size, meta=meta, retry_errors=retry_errors, profile=profile)
 
     lazy = backend == "ray" and isinstance(encoder, str)  # then only the Ray actors load the model
     enc = None
     if not lazy:
-        enc = _resolve(encoder, device, model_dtype)
+        enc = _resolve(encoder, device, model_dtype, profile)
         _check_encoder(enc, modality)
     # the store is created with the first embeddings: an encode where nothing can be read writes none
     writer = _LazyWriter(open_writer, encoder if lazy else _encoder_id(enc, encoder), manifest)
@@ -473,10 +481,10 @@ def encode(
 
     with progress_bar(len(items), f"encode {modality}", progress, unit="item", initial=len(items) - len(todo)) as bar:
         if backend == "local":
-            _run_local(todo, modality, enc, writer, batch_size, workers, bar)
+            _run_local(todo, modality, enc, writer, batch_size, workers, bar, profile)
         else:
-            factory = _factory(encoder, device, model_dtype) if lazy else functools.partial(_identity, enc)
-            _run_ray(todo, modality, factory, writer, batch_size, workers, device, bar)
+            factory = _factory(encoder, device, model_dtype, profile) if lazy else functools.partial(_identity, enc)
+            _run_ray(todo, modality, factory, writer, batch_size, workers, device, bar, profile)
     writer = writer.writer_or_raise(len(todo))
     before = writer.count_before, writer.errors_before
     store = writer.finish()

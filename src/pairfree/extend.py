@@ -311,6 +311,7 @@ class ExMCR:
         self.history: dict[str, list[dict]] = {}
         self.timings: dict[str, float] = {}
         self.fitted_run_key: str | None = None
+        self.training_data: dict[str, dict] = {}  # space -> modality -> {"rows", "fingerprint"}
 
     # ---- building ----------------------------------------------------------------------------
     def _head(self, leaf: dict[str, Any]) -> DecoupledProjector:
@@ -375,6 +376,7 @@ class ExMCR:
         keys = self.run_keys(base, leaves)
         train.start_run({None if run_dir is None else Path(run_dir) / n: k for n, k in keys.items()}, restart, on_start)
         self.fitted_run_key = combined_key(keys)
+        self.training_data = {base.name: base.describe(), **{n: r.leaf.describe() for n, r in roles.items()}}
         self._build({"name": base.name, "dim": base.dim, "modalities": list(base.modalities)},
                     {n: {"dim": r.leaf.dim, "overlap": r.overlap, "modality": r.leaf_other,
                          "modalities": [r.overlap, r.leaf_other], "base_modality": r.base_other}
@@ -452,17 +454,26 @@ class ExMCR:
             return np.array(Xn, dtype=np.float32, copy=True)
         head: DecoupledProjector = self.heads[space].eval()
         fn = head.project_other if modality == self.leaves[space]["modality"] else head.project_overlap
+        w = next(head.parameters())
         out = []
         with torch.inference_mode():
             for s in range(0, len(Xn), batch_size):
-                out.append(F.normalize(fn(as_tensor(Xn[s : s + batch_size]).float()), dim=-1).numpy())
+                x = as_tensor(Xn[s : s + batch_size]).to(w.device, w.dtype)
+                out.append(F.normalize(fn(x).float(), dim=-1).cpu().numpy())
         return np.concatenate(out)
+
+    def to(self, device: str = "cpu", dtype: str | None = None) -> "ExMCR":
+        """Run `embed` on `device` (and in `dtype`); outputs stay float32 numpy, base rows unchanged."""
+        if self.heads is not None:
+            self.heads.to(device=resolve_device(device), dtype=getattr(torch, dtype) if dtype else None)
+        return self
 
     # ---- files ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         self._check()
         meta = {"method": self.method, "config": asdict(self.config), "base": self.base, "leaves": self.leaves,
-                "history": self.history, "timings": self.timings, "run_key": self.fitted_run_key}
+                "history": self.history, "timings": self.timings, "run_key": self.fitted_run_key,
+                "training_data": self.training_data}
         return save_model(path, self.heads, meta)
 
     @classmethod
@@ -486,7 +497,7 @@ class ExMCR:
             leaves[name] = info
         model.heads = materialize(lambda: model._build(base, leaves), state, folder / WEIGHTS)
         model.history, model.timings = meta.get("history", {}), meta.get("timings", {})
-        model.fitted_run_key = meta.get("run_key")
+        model.fitted_run_key, model.training_data = meta.get("run_key"), meta.get("training_data", {})
         return model
 
     #: roles of the released heads (DESIGN §5): leaf name -> (overlap, leaf non-overlap modality)

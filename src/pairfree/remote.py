@@ -30,11 +30,14 @@ def _env_offline() -> bool:
     return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def unreachable_reason(timeout: float = 3.0) -> str | None:
-    """None when the hub endpoint accepts a TCP connection (checked once per process), else why not."""
-    if _env_offline():
-        return "HF_HUB_OFFLINE is set"
-    url = endpoint()
+def unreachable_reason(url: str | None = None, timeout: float = 3.0) -> str | None:
+    """None when `url`'s host (default: the Hub endpoint) accepts a TCP connection (checked once per
+    process and host), else why not. HF_HUB_OFFLINE=1 makes the Hub count as unreachable."""
+    if url is None:
+        if _env_offline():
+            return "HF_HUB_OFFLINE is set"
+        url = endpoint()
+    url = urllib.parse.urlunsplit(urllib.parse.urlsplit(url)[:2] + ("", "", ""))
     if url not in _PROBE:
         parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)

@@ -171,6 +171,10 @@ class Space:
             self._fingerprints[modality] = fingerprint(self[modality])
         return self._fingerprints[modality]
 
+    def describe(self) -> dict[str, dict[str, object]]:
+        """{modality: {"rows", "fingerprint"}}: what a model records about the data it was fitted on."""
+        return {m: {"rows": self.count(m), "fingerprint": self.fingerprint(m)} for m in self.modalities}
+
     def __repr__(self) -> str:
         rows = ", ".join(f"{m}: {a.shape[0]}" for m, a in self._emb.items())
         return f"Space({self.name!r}, dim={self.dim}, {rows})"

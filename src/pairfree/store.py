@@ -240,6 +240,7 @@ class EmbeddingStore:
     count = property(lambda self: int(self.manifest["count"]))
     complete = property(lambda self: bool(self.manifest.get("complete", False)))
     meta = property(lambda self: self.manifest.get("meta", {}))
+    profile = property(lambda self: self.manifest.get("profile", "default"))
 
     def __len__(self) -> int:
         return self.count
@@ -369,6 +370,7 @@ class StoreWriter:
         shard_size: int = 65536,
         meta: dict[str, Any] | None = None,
         retry_errors: bool = False,
+        profile: str = "default",
     ):
         if dtype not in DTYPES:
             raise ValueError(f"store dtype must be one of {DTYPES}, got {dtype!r}")
@@ -381,7 +383,7 @@ class StoreWriter:
             self.path.mkdir(parents=True, exist_ok=True)
             self.manifest = {
                 "format": FORMAT, "format_version": FORMAT_VERSION, "pairfree_version": _version(),
-                "encoder": encoder, "modality": modality, "dim": int(dim), "dtype": dtype,
+                "encoder": encoder, "modality": modality, "dim": int(dim), "dtype": dtype, "profile": profile,
                 "count": 0, "shard_size": self.shard_size, "shards": [],
                 "errors": {"file": ERRORS, "count": 0, "bytes": 0},
                 "consolidated": None, "complete": False, "meta": dict(meta or {}),
@@ -390,10 +392,11 @@ class StoreWriter:
             _write_manifest(self.path, self.manifest)
         else:
             mpath = self.path / MANIFEST
-            for key, want in (("encoder", encoder), ("modality", modality), ("dim", int(dim)), ("dtype", dtype)):
-                if existing[key] != want:
+            for key, want in (("encoder", encoder), ("modality", modality), ("dim", int(dim)), ("dtype", dtype),
+                              ("profile", profile)):
+                if existing.get(key, "default" if key == "profile" else None) != want:
                     raise StoreError(
-                        f"{mpath}: field {key!r} is {existing[key]!r}, this run writes {want!r}; "
+                        f"{mpath}: field {key!r} is {existing.get(key, 'default')!r}, this run writes {want!r}; "
                         f"resume with the same settings or choose another output folder"
                     )
             self.manifest = existing

@@ -32,6 +32,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backend", choices=["local", "ray"], default="local")
     p.add_argument("--limit", type=int, help="encode only the first N inputs (in listing order)")
     p.add_argument("--retry-errors", action="store_true", help="retry inputs recorded in errors.jsonl")
+    p.add_argument("--profile", choices=["default", "official"], default="default",
+                   help="preprocessing: pairfree's (default) or exactly what the official C-MCR / Ex-MCR code "
+                        "feeds each encoder (official); see the README's profile table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_main)
 
@@ -41,7 +44,7 @@ def _main(args: argparse.Namespace) -> int:
         args.inputs, encoder=args.encoder, modality=args.modality, out=args.out, batch_size=args.batch_size,
         workers=args.workers, shard_size=args.shard_size, dtype=args.dtype, device=args.device,
         model_dtype=args.model_dtype, column=args.column, backend=args.backend, limit=args.limit,
-        retry_errors=args.retry_errors, progress=not args.quiet,
+        retry_errors=args.retry_errors, progress=not args.quiet, profile=args.profile,
     )
     print(res.summary())
     return 0

@@ -28,6 +28,7 @@ from typing import Callable
 
 from pairfree.config import add_config_flags, resolve_config, save_yaml
 from pairfree.fileio import save_npy, user_cache_dir, write_json
+from pairfree.models import load_model
 from pairfree.space import Space
 
 
@@ -44,26 +45,6 @@ def parse_space(tokens: list[str], flag: str = "--space") -> Space:
             raise ValueError(f"{flag} {name}: modality {mod!r} given twice")
         arrays[mod] = Path(path)
     return Space(name, arrays)
-
-
-def load_model(path: str | Path):
-    """Load a saved model folder (or a run folder holding `model/`) of any method."""
-    from pairfree.checkpoint import CONFIG, model_folder, read_meta
-
-    folder = model_folder(path)
-    cfg = folder / CONFIG
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{path}: no saved pairfree model here (config.json missing)")
-    method = read_meta(cfg).get("method")
-    if method == "cmcr":
-        from pairfree.connect import CMCR
-
-        return CMCR.load(folder)
-    if method == "exmcr":
-        from pairfree.extend import ExMCR
-
-        return ExMCR.load(folder)
-    raise ValueError(f"{cfg}: field 'method' is {method!r}, expected 'cmcr' or 'exmcr'")
 
 
 class RunFolder:
@@ -172,14 +153,63 @@ def cmd_embed(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise ValueError(f"--output {out}: is a folder; give the .npy file to write")
-    model = load_model(args.model)
-    from pairfree.space import as_array
+    sources = [x for x in (args.model, args.pretrained, args.release) if x]
+    if len(sources) != 1:
+        raise ValueError("give exactly one of --model (a saved model or run folder), --pretrained (a folder or Hub "
+                         "repo written by save_pretrained / pairfree push) or --release (an official release)")
+    if args.input is not None:  # precomputed embeddings of one space
+        if args.inputs or not args.space:
+            raise ValueError("--input (precomputed embeddings) needs --space and takes no media INPUTs")
+        from pairfree.space import as_array
 
-    X = as_array(Path(args.input), f"--input {args.input}")
-    Z = model.embed(args.space, args.modality, X)
+        model = load_model(args.model) if args.model else _unified(args).model
+        Z = model.embed(args.space, args.modality, as_array(Path(args.input), f"--input {args.input}"))
+        ids = None
+    else:
+        if not args.inputs:
+            raise ValueError("give media INPUTs (files, folders, a text file) or --input with precomputed embeddings")
+        um = _unified(args)
+        Z, ids = um.encode(args.modality, [Path(p) for p in args.inputs] if args.modality != "text" else
+                           _text_inputs(args.inputs), return_ids=True, progress=not args.quiet)
     save_npy(out, Z)
-    print(f"wrote {out}: {Z.shape[0]} x {Z.shape[1]} unified embeddings")
+    msg = f"wrote {out}: {Z.shape[0]} x {Z.shape[1]} unified embeddings"
+    if ids is not None:
+        ids_file = out.with_suffix(".ids.txt")
+        from pairfree.fileio import write_text
+
+        write_text(ids_file, "".join(f"{i}\n" for i in ids))
+        msg += f" (row ids in {ids_file})"
+    print(msg)
     return 0
+
+
+def _text_inputs(inputs: list[str]) -> list:
+    """Text INPUTs: existing files / folders are read, anything else is a text to embed."""
+    return [Path(x) if Path(x).exists() else x for x in inputs]
+
+
+def _unified(args: argparse.Namespace):
+    from pairfree.unified import UnifiedModel
+
+    encoders = {}
+    for tok in args.encoder or []:
+        space, _, spec = tok.partition("=")
+        if not spec:
+            raise ValueError(f"--encoder expects SPACE=SPEC (e.g. clip=hf-clip:openai/clip-vit-base-patch32), got {tok!r}")
+        encoders[space] = spec
+    kw = dict(device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    if args.release:
+        from pairfree.releases import load_release
+
+        return load_release(args.release, weights_dir=args.weights_dir, profile=args.profile or "official", **kw)
+    if args.pretrained:
+        return UnifiedModel.from_pretrained(args.pretrained, encoders=encoders or None, weights_dir=args.weights_dir,
+                                            profile=args.profile, **kw)
+    model = load_model(args.model)
+    if not encoders:
+        raise ValueError(f"--model {args.model} holds projectors only: name the encoder of each space with "
+                         "--encoder SPACE=SPEC (or save a unified model with save_pretrained and use --pretrained)")
+    return UnifiedModel(model, encoders, profile=args.profile or "default", **kw)
 
 
 def _add_run_flags(p: argparse.ArgumentParser, config_cls, cache_name: str, cache_help: str) -> None:
@@ -217,10 +247,66 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_run_flags(x, ExMCRConfig, "pool", "pseudo-data pool cache")
     x.set_defaults(func=cmd_extend)
 
-    e = sub.add_parser("embed", help="map embeddings of one space into a trained unified space")
-    e.add_argument("--model", required=True, help="run folder or saved model folder")
-    e.add_argument("--space", required=True)
-    e.add_argument("--modality", required=True)
-    e.add_argument("--input", required=True, help="(n, dim) embeddings from that space's encoder: .npy, .npz or a store")
-    e.add_argument("--output", required=True, help=".npy to write")
+    e = sub.add_parser("embed", help="embed raw media (or precomputed embeddings) into a unified space",
+                       description=EMBED_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("inputs", nargs="*", metavar="INPUT", help="media files, folders, text files (or texts, for text)")
+    src = e.add_argument_group("the unified space (one of)")
+    src.add_argument("--model", help="a saved model or run folder (with --encoder for raw media)")
+    src.add_argument("--pretrained", help="a folder or Hub repo written by save_pretrained / pairfree push")
+    src.add_argument("--release", help=f"an official release: {', '.join(RELEASE_NAMES)}")
+    e.add_argument("--modality", required=True, choices=["image", "text", "audio", "3d"])
+    e.add_argument("--output", required=True, help=".npy to write (row ids beside it as .ids.txt for media)")
+    e.add_argument("--encoder", action="append", metavar="SPACE=SPEC", help="encoder of a space, e.g. "
+                   "clip=hf-clip:openai/clip-vit-base-patch32 (overrides a saved one)")
+    e.add_argument("--weights-dir", help="folder holding release files under their official names "
+                   "(also $PAIRFREE_WEIGHTS)")
+    e.add_argument("--profile", choices=["default", "official"],
+                   help="preprocessing (default: official for --release, else the saved or default one)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="encoder dtype")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--space", help="with --input: the pretrained space the embeddings come from")
+    e.add_argument("--input", help="precomputed (n, dim) embeddings of --space: .npy, .npz or a store")
+    e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("push", help="upload a unified model folder (save_pretrained) to the Hugging Face Hub")
+    p.add_argument("folder")
+    p.add_argument("repo_id", help="user/name")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_push)
+
+    r = sub.add_parser("releases", help="list the official releases, their files and licences")
+    r.set_defaults(func=cmd_releases)
+
+
+EMBED_DOC = """Embed into a unified space.
+
+    pairfree embed --release ex-mcr/base --modality audio clips/ --output z.npy [--weights-dir W]
+    pairfree embed --pretrained user/repo --modality text "a dog barking" prompts.txt --output t.npy
+    pairfree embed --model runs/x --encoder clip=hf-clip:openai/clip-vit-base-patch32 --modality image photos/ --output v.npy
+    pairfree embed --model runs/x --space clap --modality audio --input A.npy --output z.npy   (precomputed)
+"""
+RELEASE_NAMES = ("c-mcr/clap-clip", "c-mcr/ulip-clip", "ex-mcr/base")
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from pairfree.hub import push_folder
+
+    url = push_folder(args.folder, args.repo_id, private=args.private)
+    print(f"pushed {args.folder} to {url}")
+    return 0
+
+
+def cmd_releases(args: argparse.Namespace) -> int:
+    from pairfree.releases import RELEASES
+
+    for rel in RELEASES.values():
+        print(f"{rel.name}: {rel.description}\n  {rel.paper}")
+        for wf in rel.projectors.values():
+            print(f"  projector {wf.name}: {wf.source} (git object {wf.git_blob}), licence {wf.licence}")
+        for space, src in rel.encoders.items():
+            where = src.file.source if src.file else f"huggingface.co/{src.hub_folder}"
+            name = src.file.name if src.file else src.hub_folder
+            print(f"  encoder {space}: {src.kind} {name} from {where}, licence {src.licence}")
+    return 0

@@ -61,6 +61,18 @@ def pad_token_batch(items: list[np.ndarray], pad_id: int) -> dict[str, "torch.Te
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def pil_image_processor(path: str, from_pretrained: dict) -> Any:
+    """The checkpoint's CLIP image processor on the PIL backend: what transformers 4.x used by
+    default, and so what the official C-MCR / Ex-MCR code computed (transformers 5 defaults to a
+    torchvision backend whose resizing differs by up to ~0.015 in normalised pixel values)."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return AutoImageProcessor.from_pretrained(path, backend="pil", **from_pretrained)
+    return AutoImageProcessor.from_pretrained(path, use_fast=False, **from_pretrained)  # 4.x: the "slow" one
+
+
 def as_rgb(image: Any) -> Any:
     if not hasattr(image, "convert"):
         raise TypeError(f"image item: expected a PIL image, got {type(image).__name__}")
@@ -72,7 +84,8 @@ class HFCLIPEncoder(Encoder):
 
     modalities = ("image", "text")
 
-    def __init__(self, path_or_id: str | os.PathLike, device: str = "cpu", dtype: str = "float32", **from_pretrained: Any):
+    def __init__(self, path_or_id: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
+                 image_backend: str | None = None, **from_pretrained: Any):
         super().__init__(device=device, dtype=dtype)
         require("transformers", "clip")
         import_torchvision()  # transformers' image processors import torchvision when it is installed
@@ -81,12 +94,17 @@ class HFCLIPEncoder(Encoder):
         self.path = os.fspath(path_or_id)
         self.id = f"hf-clip:{self.path}"
         self.torch_dtype = torch_dtype(dtype)
+        if image_backend not in (None, "pil"):
+            raise ValueError(f"image_backend must be None (the checkpoint's processor) or 'pil', got {image_backend!r}")
         with loading("hf-clip", self.path, os.path.isdir(self.path)):
             model = CLIPModel.from_pretrained(self.path, **from_pretrained)
             processor = CLIPProcessor.from_pretrained(self.path, **from_pretrained)
+            image_processor = processor.image_processor
+            if image_backend == "pil":
+                image_processor = pil_image_processor(self.path, from_pretrained)
         self.model = model.to(device=device, dtype=self.torch_dtype).eval()
         self.tokenizer = processor.tokenizer
-        self.image_processor = processor.image_processor
+        self.image_processor = image_processor
         self.dim = int(model.config.projection_dim)
         self.context_length = int(model.config.text_config.max_position_embeddings)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -8,6 +8,7 @@ when called):
     hf-clap:<hub id or local dir>            transformers ClapModel + ClapProcessor     audio, text
     laion-clap:<path to .pt | checkpoint id> laion_clap.CLAP_Module (630k checkpoints)  audio, text
     ulip2:<path to pointbert_ULIP-2.pt>      pairfree.encoders.ulip2.ULIP2Encoder       3d, image, text
+    toy:<toy media folder>/<space>          pairfree.toy.encoder.ToyEncoder             the toy world's spaces
 
 `register_encoder(kind, factory)` adds a kind: `factory(rest, device=..., dtype=..., **options)`.
 
@@ -65,12 +66,19 @@ def _ulip2(rest: str, **kw: Any) -> "Encoder":
     return ULIP2Encoder(rest, **kw)
 
 
+def _toy(rest: str, **kw: Any) -> "Encoder":
+    from pairfree.toy.encoder import ToyEncoder
+
+    return ToyEncoder(rest, **kw)
+
+
 _REGISTRY: dict[str, Factory] = {
     "hf-clip": _hf_clip,
     "open_clip": _open_clip,
     "hf-clap": _hf_clap,
     "laion-clap": _laion_clap,
     "ulip2": _ulip2,
+    "toy": _toy,
 }
 
 
@@ -101,13 +109,19 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, rest
 
 
-def load_encoder(spec: str, device: str = "cpu", dtype: str = "float32", **options: Any) -> "Encoder":
+def load_encoder(spec: str, device: str = "cpu", dtype: str = "float32", profile: str = "default",
+                 **options: Any) -> "Encoder":
     """Load the encoder `spec` names ("hf-clip:openai/clip-vit-base-patch32", ...).
 
-    `options` go to the kind's factory (e.g. `enable_fusion=` for laion-clap). A missing optional
-    dependency raises ImportError naming the pairfree extra that installs it.
+    `options` go to the kind's factory (e.g. `enable_fusion=` for laion-clap), on top of what the
+    preprocessing `profile` sets for that kind (`pairfree.media.profiles`: "official" feeds ULIP-2
+    the raw points and CLIP the PIL image processor, as the official releases do). A missing
+    optional dependency raises ImportError naming the pairfree extra that installs it.
     """
+    from pairfree.media.profiles import get_profile
+
     kind, rest = parse_spec(spec)
+    options = {**get_profile(profile).encoder_options.get(kind, {}), **options}
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     from pairfree.devices import resolve_device

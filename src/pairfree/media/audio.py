@@ -47,20 +47,33 @@ def _wav_truncation(head: bytes, size: int) -> str | None:
     return None
 
 
-def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """Band-limited resampling of a (T,) or (T, C) float32 signal with soxr (HQ)."""
+def resample(x: np.ndarray, orig_sr: int, target_sr: int, length: str = "soxr") -> np.ndarray:
+    """Band-limited resampling of a (T,) or (T, C) float32 signal with soxr (HQ).
+
+    length="librosa": the result padded with zeros (or cut) to ceil(T * target_sr / orig_sr)
+    samples, as `librosa.resample` (and so `librosa.load(sr=...)`) does; soxr itself may return
+    one sample less for odd lengths."""
+    if length not in ("soxr", "librosa"):
+        raise ValueError(f"length must be 'soxr' or 'librosa', got {length!r}")
     if int(orig_sr) == int(target_sr):
         return x.astype(np.float32, copy=False)
     try:
         import soxr
     except ImportError as e:  # pragma: no cover
         raise missing_extra("soxr", "resampling audio") from e
-    return np.asarray(soxr.resample(x, int(orig_sr), int(target_sr), quality="HQ"), dtype=np.float32)
+    y = np.asarray(soxr.resample(x, int(orig_sr), int(target_sr), quality="HQ"), dtype=np.float32)
+    if length == "librosa":
+        n = int(np.ceil(x.shape[0] * float(target_sr) / int(orig_sr)))
+        if len(y) < n:
+            y = np.concatenate([y, np.zeros((n - len(y),) + y.shape[1:], dtype=np.float32)])
+        y = y[:n]
+    return y
 
 
-def load_audio(src: Source, sample_rate: int, *, name: str | None = None) -> np.ndarray:
+def load_audio(src: Source, sample_rate: int, *, name: str | None = None, length: str = "soxr") -> np.ndarray:
     """Decode an audio file to a 1-D float32 mono waveform in [-1, 1] at `sample_rate` Hz.
 
+    `length` chooses the resampled length ("librosa": as `librosa.load`, see `resample`).
     A missing, truncated, undecodable or empty file raises `MediaError` naming it and the reason.
     """
     if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
@@ -90,7 +103,7 @@ def load_audio(src: Source, sample_rate: int, *, name: str | None = None) -> np.
     if not np.isfinite(data).all():
         raise MediaError(f"{where}: contains NaN or infinite samples")
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    return np.ascontiguousarray(resample(mono, sr, int(sample_rate)), dtype=np.float32)
+    return np.ascontiguousarray(resample(mono, sr, int(sample_rate), length), dtype=np.float32)
 
 
 def fix_length(x: np.ndarray, n: int, mode: str = "pad", rng: np.random.Generator | None = None) -> np.ndarray:

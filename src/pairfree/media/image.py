@@ -46,13 +46,17 @@ def to_rgb(im, where: str = "image"):
         raise MediaError(f"{where}: cannot convert Pillow mode {mode!r} to RGB ({e})") from e
 
 
-def load_image(src: Source, *, name: str | None = None):
+def load_image(src: Source, *, name: str | None = None, exif_transpose: bool = True, rgb: str = "composite"):
     """Decode an image file (any Pillow format) into an RGB `PIL.Image`.
 
-    EXIF orientation is applied; RGBA / LA / palette-with-transparency are composited on white;
-    greyscale, palette, CMYK and 16-bit images become RGB. Multi-frame files give their first frame.
-    A missing, truncated or undecodable file raises `MediaError` naming it and the reason.
+    Defaults: EXIF orientation is applied; RGBA / LA / palette-with-transparency are composited on
+    white; greyscale, palette, CMYK and 16-bit images become RGB. `exif_transpose=False,
+    rgb="pil"` reproduces `Image.open(f).convert("RGB")` (what the official MCR trunks feed CLIP;
+    see `pairfree.media.profiles`). Multi-frame files give their first frame. A missing, truncated
+    or undecodable file raises `MediaError` naming it and the reason.
     """
+    if rgb not in ("composite", "pil"):
+        raise ValueError(f"rgb must be 'composite' or 'pil', got {rgb!r}")
     Image, ImageOps = _pil()
     where = label(src, name)
     with open_binary(src, name) as f:
@@ -63,11 +67,18 @@ def load_image(src: Source, *, name: str | None = None):
             raise MediaError(f"{where}: image too large ({e})") from e
         except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
             raise MediaError(f"{where}: not a readable image ({type(e).__name__}: {e})") from e
-    try:
-        im = ImageOps.exif_transpose(im)
-    except Exception:  # a malformed EXIF block must not lose an otherwise valid image
-        pass
-    out = to_rgb(im, where)
+    if exif_transpose:
+        try:
+            im = ImageOps.exif_transpose(im)
+        except Exception:  # a malformed EXIF block must not lose an otherwise valid image
+            pass
+    if rgb == "pil":
+        try:
+            out = im if im.mode == "RGB" else im.convert("RGB")
+        except (ValueError, OSError) as e:
+            raise MediaError(f"{where}: cannot convert Pillow mode {im.mode!r} to RGB ({e})") from e
+    else:
+        out = to_rgb(im, where)
     if out.width == 0 or out.height == 0:
         raise MediaError(f"{where}: empty image ({out.width}x{out.height})")
     return out

@@ -1,4 +1,5 @@
-"""`python -m pairfree.toy [--preset demo] [--seed 0] [--cache DIR]`: build or load a world, print its realism table."""
+"""`python -m pairfree.toy [--preset demo] [--seed 0] [--cache DIR] [--media DIR]`: build or load a world,
+print its realism table, and optionally write it as media files (`pairfree.toy.media`)."""
 
 from __future__ import annotations
 
@@ -35,10 +36,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=str(user_cache_dir("toy")), help="cache folder ('' for none)")
+    ap.add_argument("--media", help="also write the world's memories and test items as media files here")
+    ap.add_argument("--points-format", choices=["npy", "ply"], default="npy")
     args = ap.parse_args(argv)
     world = make_world(ToyWorldConfig(seed=args.seed, preset=args.preset), cache_dir=args.cache or None)
     print(f"built in {world.info['build_seconds']['total']:.1f} s; sizes {world.info['sizes']}")
     print(realism_table(world))
+    if args.media:
+        from pairfree.toy.media import write_media
+
+        out = write_media(world, args.media, points_format=args.points_format)
+        print(f"wrote {out}: encoders toy:{out}/clip, toy:{out}/clap, toy:{out}/ulip")
 
 
 if __name__ == "__main__":

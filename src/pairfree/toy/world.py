@@ -42,6 +42,10 @@ class ToyWorld:
     towers: dict[str, dict[str, np.ndarray]]  # "space/modality" -> state dict, so new raw data can be encoded
     raw: dict[str, np.ndarray] | None = None  # fresh build only (not cached): "memory/text", "test/image", ...
 
+    def renderers(self) -> "Renderers":
+        """Regenerates any raw corpus of this world (e.g. to write it as media files)."""
+        return Renderers(self.config)
+
     def encode(self, key: str, raw: np.ndarray) -> np.ndarray:
         """Embed raw vectors with one trained tower, e.g. `encode("clap/text", raw)`."""
         from pairfree.toy.towers import encode, make_tower
@@ -67,19 +71,46 @@ def _tower_seed(seed: int, key: str) -> int:
     return int(C.rng_for(seed, f"tower/{key}").integers(2**31 - 1))
 
 
+class Renderers:
+    """The world's raw data, regenerated on demand: concepts, corpus distributions and renderers
+    depend only on the config, so any corpus can be rendered again without the trained towers."""
+
+    def __init__(self, cfg: ToyWorldConfig):
+        self.p, self.seed = cfg.resolved(), cfg.seed
+        self.concepts = C.make_concepts(self.p, self.seed)
+        self.dists = C.distributions(self.concepts)
+        self.renderers = {m: make_renderer(m, self.p, self.seed) for m in MODALITIES}
+
+    def corpus(self, tag: str, dist: str, n: int, modalities: tuple[str, ...]) -> tuple[C.Items, dict[str, np.ndarray]]:
+        con, seed = self.concepts, self.seed
+        items = C.sample_items(con, self.dists[dist], n, self.p, C.rng_for(seed, f"{tag}/items"))
+        return items, {m: _render(con, items, self.renderers[m], C.rng_for(seed, f"{tag}/{m}")) for m in modalities}
+
+    def split(self, name: str) -> tuple[C.Items, dict[str, np.ndarray]]:
+        """A split's items and raw vectors: "memory/<modality>", "test" or "train_pairs"."""
+        if name.startswith("memory/"):
+            m = name.split("/", 1)[1]
+            return self.corpus(name, name, self.p[f"n_{m}"], (m,))
+        if name in ("test", "train_pairs"):
+            return self.corpus(name, name, self.p[f"n_{name}"], MODALITIES)
+        raise ValueError(f"unknown toy-world split {name!r}; memory/<modality>, test or train_pairs")
+
+    def prompts(self) -> np.ndarray:
+        """(n_concepts * n_templates, raw text dim): each concept's pure latent under each fixed template."""
+        r, con, k = self.renderers["text"], self.concepts, self.p["n_templates"]
+        z = np.repeat(con.mu, k, axis=0)
+        nuis = np.tile(r.templates * r.nuisance_scale, (con.n, 1))
+        return r(z, nuis, C.rng_for(self.seed, "classes/text"))
+
+
 def _build(cfg: ToyWorldConfig, progress: bool) -> ToyWorld:
     from pairfree.toy.towers import encode, make_tower, train_dual
 
     t0 = time.perf_counter()
-    p, seed = cfg.resolved(), cfg.seed
+    gen = Renderers(cfg)
+    p, seed, con = gen.p, gen.seed, gen.concepts
     times: dict[str, float] = {}
-    con = C.make_concepts(p, seed)
-    dists = C.distributions(con)
-    rend = {m: make_renderer(m, p, seed) for m in MODALITIES}
-
-    def corpus(tag: str, dist: str, n: int, modalities: tuple[str, ...]) -> tuple[C.Items, dict[str, np.ndarray]]:
-        items = C.sample_items(con, dists[dist], n, p, C.rng_for(seed, f"{tag}/items"))
-        return items, {m: _render(con, items, rend[m], C.rng_for(seed, f"{tag}/{m}")) for m in modalities}
+    corpus = gen.corpus
 
     # 1. pretrain each space on its own pairs (its own concept distribution)
     towers, train_stats, pre_labels = {}, {}, {}
@@ -125,11 +156,8 @@ def _build(cfg: ToyWorldConfig, progress: bool) -> ToyWorld:
     test, train_pairs = paired("test", p["n_test"]), paired("train_pairs", p["n_train_pairs"])
 
     # 4. class prompts: pure concept latent x each fixed template nuisance, through both text towers
-    r = rend["text"]
     k = p["n_templates"]
-    z = np.repeat(con.mu, k, axis=0)
-    nuis = np.tile(r.templates * r.nuisance_scale, (con.n, 1))
-    raw_cls = r(z, nuis, C.rng_for(seed, "classes/text"))
+    raw_cls = gen.prompts()
     raw_all["classes/text"] = raw_cls
     classes: dict[str, Any] = {"names": con.names}
     for key in ("clip/text", "clap/text"):
