@@ -166,7 +166,7 @@ def model_card(um, specs: dict[str, str], *, license: str | None, title: str) ->
                       *modalities]}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", ""]
     what = meta.get("description") or f"A unified embedding space for {', '.join(modalities)}"
-    lines += [f"{what}, built with [pairfree](https://github.com/pairfree/pairfree) "
+    lines += [f"{what}, built with pairfree "
               f"({_METHOD_NAMES.get(method, method)}) from pretrained contrastive spaces, without paired data "
               "between the modalities it connects." + (f" Release of: {meta['paper']}." if meta.get("paper") else ""), ""]
     lines += ["## Use", "", "```python", "import pairfree as pf", "",
