@@ -373,3 +373,15 @@ def test_push_uploads_the_saved_folder(world, media_dir, tmp_path, monkeypatch):
     assert seen["repo"] == ("someone/space", True, True)
     assert seen["files"] == ["README.md", "config.json", "model.safetensors", "unified.json"]
     assert seen["unified"]["encoders"] == {"clip": f"toy:{media_dir}/clip", "clap": f"toy:{media_dir}/clap"}
+
+
+def test_half_precision_end_to_end_stays_close(world, media_dir):
+    model = pf.CMCR(pf.CMCRConfig(epochs=2, batch_size=512)).fit(world.spaces["clip"], world.spaces["clap"], "text",
+                                                                  progress=False)
+    wav = media_dir / "test" / "audio"
+    full = UnifiedModel(model, {"clap": f"toy:{media_dir}/clap"}).encode("audio", wav)
+    half = UnifiedModel(model, {"clap": f"toy:{media_dir}/clap"}, dtype="bfloat16")
+    assert next(model.heads.parameters()).dtype == pf.connect.torch.bfloat16  # the projector too
+    z = half.encode("audio", wav)
+    assert z.dtype == np.float32 and np.abs(z - full).max() < 0.05
+    assert np.mean(np.sum(z * full, axis=1)) > 0.999

@@ -65,8 +65,8 @@ class UnifiedModel:
         self.encoder_options = {k: dict(v) for k, v in (encoder_options or {}).items()}
         self.meta: dict[str, Any] = dict(meta or {})
         self._encoders: dict[str, Any] = {}
-        if hasattr(model, "to"):
-            model.to(device)
+        if hasattr(model, "to"):  # the projector runs on the same device and in the same dtype
+            model.to(device, dtype)
 
     # ---- what it can do -------------------------------------------------------------------------
     @property
