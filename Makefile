@@ -26,7 +26,7 @@ $(VENV)/.installed-core: $(BIN)/python pyproject.toml
 # everything the tests exercise: encoders (tiny local checkpoints), media, Ray. laion_clap goes last
 # and without its pins (numpy<2, wandb), so pip has no conflict to report; its tests pass on numpy 2
 $(VENV)/.installed-test: $(VENV)/.installed-core
-	$(PIP) -e ".[test,clip,ulip,media,ray]"
+	$(PIP) -e ".[test,clip,ulip,media,ray,serve]"
 	$(PIP) $(LAION_CLAP_DEPS)
 	$(PIP) --no-deps "laion_clap>=1.1.6"
 	touch $@

@@ -21,6 +21,7 @@ _LAZY = {
     "load_encoder": "pairfree.encoders.registry",
     "load_model": "pairfree.models",
     "UnifiedModel": "pairfree.unified",
+    "search": "pairfree.search",
     "metrics": "pairfree.metrics",
     "baselines": "pairfree.baselines",
 }

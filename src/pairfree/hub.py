@@ -41,7 +41,7 @@ def save_pretrained(um, path: str | Path, *, license: str | None = None, title: 
         (tmp / "model").rmdir()
         info = {"format": FORMAT, "version": VERSION, "encoders": specs,
                 "sources": {m: list(s) for m, s in um.sources.items()}, "profile": um.profile,
-                "meta": um.meta}
+                "meta": {k: v for k, v in um.meta.items() if k != "source"}}
         (tmp / UNIFIED).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(um, specs, license=license, title=title or path.name))
     return path
@@ -118,7 +118,8 @@ def from_pretrained(path_or_repo: str | Path, *, revision: str | None = None, en
     specs.update(encoders or {})
     model = load_model(folder)
     return UnifiedModel(model, specs, sources={m: tuple(v) for m, v in info.get("sources", {}).items()},
-                        profile=profile or info.get("profile", "default"), meta=info.get("meta", {}), **kw)
+                        profile=profile or info.get("profile", "default"),
+                        meta={**info.get("meta", {}), "source": str(path_or_repo)}, **kw)
 
 
 def push_to_hub(um, repo_id: str, *, private: bool = False, token: str | None = None,

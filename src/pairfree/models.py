@@ -63,3 +63,25 @@ def default_sources(model: Any) -> dict[str, tuple[str, str]]:
         for m in info["modalities"]:
             out.setdefault(m, (name, m))
     return out
+
+
+def fingerprint(model: Any) -> str:
+    """Content hash of a fitted model (method, spaces, weights as float32): an index records it and
+    refuses to be queried through another model."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    h = hashlib.sha256(json.dumps({"method": getattr(model, "method", type(model).__name__),
+                                   "spaces": spaces_of(model)}, sort_keys=True).encode())
+    heads = getattr(model, "heads", None)
+    if heads is not None:
+        for k, v in sorted(heads.state_dict().items()):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(v.detach().float().cpu().numpy()).tobytes())
+    for k in ("W", "mu_x", "mu_y"):
+        if getattr(model, k, None) is not None:
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(getattr(model, k), dtype=np.float64).tobytes())
+    return h.hexdigest()

@@ -65,6 +65,9 @@ class UnifiedModel:
         self.encoder_options = {k: dict(v) for k, v in (encoder_options or {}).items()}
         self.meta: dict[str, Any] = dict(meta or {})
         self._encoders: dict[str, Any] = {}
+        from pairfree.models import fingerprint
+
+        self.fingerprint = fingerprint(model)  # before any dtype change: indices record it
         if hasattr(model, "to"):  # the projector runs on the same device and in the same dtype
             model.to(device, dtype)
 

@@ -191,6 +191,12 @@ def plot_report(report: dict[str, Any], cmcr_model, world, path: Path) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.out, args.preset, args.seed, args.epochs, args.batch_size, args.cache_dir, progress=not args.quiet,
              with_exmcr=not args.no_exmcr)
+    if args.search:
+        from pairfree.cli.search import demo_assets
+
+        index_dir, model_dir = demo_assets("small", args.cache_dir or None, progress=not args.quiet)
+        print(f"\nsearch the toy world: pairfree serve --index {index_dir} --pretrained {model_dir}\n"
+              f"(or simply: pairfree serve --demo), then open http://127.0.0.1:8000/")
     return 0
 
 
@@ -205,5 +211,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="toy-world and pseudo-data cache ($PAIRFREE_CACHE, else $XDG_CACHE_HOME/pairfree, "
                         "else ~/.cache/pairfree); '' for none")
     p.add_argument("--no-exmcr", action="store_true", help="skip the Ex-MCR rows")
+    p.add_argument("--search", action="store_true",
+                   help="also build a search index on the toy world's media files and print how to serve it "
+                        "(needs pairfree[serve])")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
