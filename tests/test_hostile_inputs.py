@@ -399,7 +399,7 @@ def test_cli_errors_are_one_line(tmp_path, rng, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    done = run_cli("embed", "--model", str(tmp_path / "none"), "--space", "a", "--modality", "b", "--input", "x.npy",
+    done = run_cli("embed", "--model", str(tmp_path / "none"), "--space", "a", "--modality", "audio", "--input", "x.npy",
                    "--output", str(tmp_path / "z.npy"), "--debug")
     assert done.returncode != 0 and "Traceback" in done.stderr and "config.json missing" in done.stderr
 

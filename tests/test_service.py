@@ -1,6 +1,5 @@
 """The HTTP service (ASGI test client): every endpoint, every bad input gets a 4xx, the server keeps serving."""
 
-import io
 import threading
 
 import numpy as np

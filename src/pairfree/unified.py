@@ -143,6 +143,26 @@ class UnifiedModel:
         z = np.concatenate(out) if out else self.model.embed(space, mod, np.zeros((0, dim), np.float32))
         return (z, [i for i, _ in items]) if return_ids else z
 
+    def localize(self, images: Any, audios: Any) -> list[np.ndarray]:
+        """One similarity map per (image, audio) pair: the cosine between the audio's unified
+        embedding and each image patch brought into the unified space the way the image embedding
+        is (the image encoder's `patch_embeddings` through the model's image projection)."""
+        space, mod = self.sources["image"]
+        enc = self.encoder(space)
+        if not hasattr(enc, "patch_embeddings"):
+            raise ValueError(f"encoder {getattr(enc, 'id', space)!r} gives no patch embeddings; localization needs one")
+        imgs = expand_inputs("image", images)
+        za = self.encode("audio", audios)
+        if len(imgs) != len(za):
+            raise ValueError(f"localize: {len(imgs)} images but {len(za)} audio clips; give them in pairs")
+        maps = []
+        for (_, img), a in zip(imgs, za):
+            patches = enc.patch_embeddings(load_input("image", img, enc, self.profile))
+            g = patches.shape[:2]
+            zp = self.model.embed(space, mod, patches.reshape(-1, patches.shape[-1]))
+            maps.append((zp @ a).reshape(g))
+        return maps
+
     def __call__(self, inputs: Mapping[str, Any], **kw: Any) -> dict[str, np.ndarray]:
         """{modality: inputs} -> {modality: unified embeddings}: the official `get_embeddings` shape."""
         if not isinstance(inputs, Mapping):

@@ -17,8 +17,8 @@ import sys
 import warnings
 
 # module -> it defines add_parser(subparsers) registering one or more sub-commands with set_defaults(func=...)
-COMMAND_MODULES = ("pairfree.cli.train", "pairfree.cli.encode", "pairfree.cli.search", "pairfree.cli.demo",
-                   "pairfree.cli.ablate")
+COMMAND_MODULES = ("pairfree.cli.train", "pairfree.cli.encode", "pairfree.cli.search", "pairfree.cli.eval",
+                   "pairfree.cli.demo", "pairfree.cli.ablate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -121,6 +121,30 @@ class HFCLIPEncoder(Encoder):
             return pad_token_batch(items, self.pad_id)
         return super().collate(modality, items)
 
+    def patch_embeddings(self, image: Any) -> np.ndarray:
+        """(g, g, dim) CLIP-space embeddings of the image's patch tokens, for localization maps.
+
+        The whole image is resized to the model's input size without cropping (boxes are given over
+        the whole frame), the patch tokens of the last layer go through `post_layernorm` and
+        `visual_projection` as the class token does for the image embedding (the MaskCLIP reading of
+        dense CLIP features)."""
+        import torch
+        from PIL import Image
+
+        size = int(self.model.config.vision_config.image_size)
+        patch = int(self.model.config.vision_config.patch_size)
+        img = as_rgb(image).resize((size, size), Image.Resampling.BICUBIC)
+        mean = np.asarray(self.image_processor.image_mean, np.float32)
+        std = np.asarray(self.image_processor.image_std, np.float32)
+        x = (np.asarray(img, np.float32) / 255.0 - mean) / std
+        pixels = torch.from_numpy(x.transpose(2, 0, 1)[None].copy()).to(self.device, self.torch_dtype)
+        with torch.inference_mode():
+            vision = self.model.vision_model
+            tokens = vision(pixel_values=pixels).last_hidden_state[:, 1:, :]
+            z = self.model.visual_projection(vision.post_layernorm(tokens))
+        g = size // patch
+        return z.float().cpu().numpy().reshape(g, g, -1)
+
     def forward(self, modality: str, batch: Any) -> "torch.Tensor":  # noqa: F821
         self.check_modality(modality)
         if modality == "image":

@@ -4,7 +4,9 @@ They read the files `pairfree.toy.media.write_media` wrote through the same medi
 CLAP and ULIP-2 (PIL RGB images, waveforms at `sample_rate`, (N, 3) points, strings), decode the raw
 vectors and run the world's trained towers, so `pairfree encode`, stores, the unified model and
 search work on the toy world exactly as on real models. A text without a payload is a query by
-concept name: the mean of the prompt-template embeddings of every concept named in it ("c017").
+concept name: the mean of the prompt-template embeddings of every concept named in it ("c017");
+any other text gets a deterministic vector from its words, so real captions can be run through
+the toy encoders (meaningless, but valid, embeddings).
 """
 
 from __future__ import annotations
@@ -25,6 +27,18 @@ def split_spec(rest: str) -> tuple[Path, str]:
     if not folder or not space:
         raise ValueError(f"toy encoder spec needs '<media folder>/<space>', got {rest!r}")
     return Path(folder), space
+
+
+def _hashed_words(text: str, dim: int) -> np.ndarray:
+    """A deterministic raw vector for a text the toy world never wrote: the mean of one seeded
+    Gaussian vector per lower-cased word, so equal texts embed equally and shared words pull texts
+    together (a real tokenizer's behaviour, in miniature)."""
+    import hashlib
+
+    words = re.findall(r"\w+", text.lower()) or [""]
+    vecs = [np.random.default_rng(int.from_bytes(hashlib.sha256(w.encode()).digest()[:8], "little")).normal(size=dim)
+            for w in words]
+    return np.mean(vecs, axis=0).astype(np.float32)
 
 
 class ToyEncoder(Encoder):
@@ -89,10 +103,23 @@ class ToyEncoder(Encoder):
         if raw is not None:
             return raw[None]
         found = [self.names[n] for n in re.findall(r"\bc\d+\b", item) if n in self.names]
-        if not found:
-            raise ValueError(f"toy text {item[:60]!r}: no payload and no concept name "
-                             f"({next(iter(self.names))} .. {list(self.names)[-1]})")
+        if not found:  # any other text: words hashed to a fixed raw vector (the toy world knows no words)
+            return _hashed_words(item, d)[None]
         return self.prompts()[found].reshape(-1, d)  # every template of every named concept
+
+    def patch_embeddings(self, image: Any) -> np.ndarray:
+        """(rows, cols, dim) embeddings of each tile of a toy scene (a mosaic of toy images), the toy
+        world's stand-in for CLIP's patch tokens; a single toy image is a 1 x 1 grid."""
+        import torch
+
+        h, w = self.codec["image_shape"]
+        rgb = np.asarray(image.convert("RGB"))
+        rows, cols = max(1, rgb.shape[0] // h), max(1, rgb.shape[1] // w)
+        raw = [M.decode_image(rgb[r * h:(r + 1) * h, c * w:(c + 1) * w], self.codec, self.raw_dim["image"])
+               for r in range(rows) for c in range(cols)]
+        with torch.inference_mode():
+            z = self.towers["image"](torch.from_numpy(np.stack(raw)).to(self.device, self.torch_dtype))
+        return z.float().cpu().numpy().reshape(rows, cols, -1)
 
     def collate(self, modality: str, items: list[Any]) -> Any:
         import torch

@@ -24,6 +24,8 @@ Layout of a media folder (`write_media`):
     metadata.csv              id,split,modality,concept,concepts,caption (one row per item)
     memory/texts.txt, memory/image/*.png, memory/audio/*.wav, memory/3d/*.npy   (the memories)
     test/texts.txt, test/image/..., test/audio/..., test/3d/...                    (held-out paired items)
+    scenes/*.png, scenes.json   localization scenes: 2 x 2 mosaics of test images; the query's concept
+                                fills two tiles, their boxes are the ground truth (`write_scenes`)
 
 Ids in metadata.csv are paths relative to the folder (`memory/image/00012.png`), texts
 `memory/texts.txt#12`: the row order of `pairfree encode` over that folder.
@@ -40,7 +42,7 @@ from typing import Any
 import numpy as np
 
 FORMAT, VERSION = "pairfree-toy-media", 1
-SPLITS = ("memory", "test")
+SPLITS = ("memory", "test", "scenes")  # scenes: localization mosaics built from the test items
 _SEP = " | "
 
 
@@ -175,8 +177,12 @@ def write_media(world, out: str | Path, splits: tuple[str, ...] = SPLITS, points
     gen = world.renderers()
     p = gen.p
     names = world.classes["names"]
+    if "scenes" in splits and "test" not in splits:
+        raise ValueError("scenes are built from the test items: write splits=('test', 'scenes')")
     corpora: dict[str, tuple[Any, dict[str, np.ndarray]]] = {}
     for split in splits:
+        if split == "scenes":
+            continue
         if split == "test":
             corpora["test"] = gen.split("test")
         else:
@@ -224,6 +230,9 @@ def write_media(world, out: str | Path, splits: tuple[str, ...] = SPLITS, points
                 if m == "text":
                     (tmp / split).mkdir(parents=True, exist_ok=True)
                     (tmp / split / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+        if "scenes" in splits:
+            test_items, test_raw = corpora["test"]
+            write_scenes(tmp, test_items, test_raw["image"], names, codec, rng_for(world.config.seed, "media/scenes"))
         with open(tmp / "metadata.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=["id", "split", "modality", "concept", "concepts", "caption"])
             w.writeheader()
@@ -236,6 +245,37 @@ def write_media(world, out: str | Path, splits: tuple[str, ...] = SPLITS, points
         }
         (tmp / "world.json").write_text(json.dumps(info, indent=1) + "\n")
     return Path(out)
+
+
+def write_scenes(folder: Path, items, raw_images: np.ndarray, names: list[str], codec: dict,
+                 rng: np.random.Generator, n: int = 200) -> None:
+    """`n` localization scenes: 2 x 2 mosaics of test images in which the query's concept fills two
+    tiles (the query item and another item of the same concept when the test split has one) and two
+    items of other concepts fill the others. The query is the first item's test audio; the ground
+    truth the two concept tiles (half the frame, so a perfect map scores cIoU 1)."""
+    from PIL import Image
+
+    h, w = codec["image_shape"]
+    (folder / "scenes").mkdir(parents=True, exist_ok=True)
+    scenes = []
+    for s in range(min(n, len(items))):
+        target = s
+        same = [int(i) for i in np.flatnonzero(items.primary == items.primary[target]) if i != target]
+        twin = int(rng.choice(same)) if same else target
+        others = [int(i) for i in rng.permutation(len(items)) if items.primary[i] != items.primary[target]][:2]
+        tiles = [target, twin] + others
+        order = rng.permutation(4)
+        mosaic = np.zeros((2 * h, 2 * w, 3), np.uint8)
+        boxes = []
+        for slot, t in zip(order, tiles):
+            r, c = divmod(int(slot), 2)
+            mosaic[r * h:(r + 1) * h, c * w:(c + 1) * w] = encode_image(raw_images[t], codec)
+            if items.primary[t] == items.primary[target]:
+                boxes.append([c / 2, r / 2, (c + 1) / 2, (r + 1) / 2])
+        Image.fromarray(mosaic, "RGB").save(folder / "scenes" / f"{s:05d}.png")
+        scenes.append({"image": f"scenes/{s:05d}.png", "audio": f"test/audio/{target:05d}.wav", "boxes": boxes,
+                       "concept": names[int(items.primary[target])]})
+    (folder / "scenes.json").write_text(json.dumps(scenes, indent=0) + "\n")
 
 
 def read_info(folder: str | Path) -> dict[str, Any]:
