@@ -56,8 +56,9 @@ def test_float16_store_and_single_shard_memmap(tmp_path, rng):
     a = s.array()
     assert isinstance(a, np.memmap) and a.dtype == np.float16 and a.shape == (7, 8)
     sp = s.to_space("clip")
-    assert sp["image"].dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(sp["image"], axis=1), 1, atol=1e-6)
+    # unit float16 rows are kept as they are, memory-mapped (paper-scale memories are not copied)
+    assert sp["image"].dtype == np.float16 and isinstance(sp["image"], np.memmap)
+    np.testing.assert_allclose(np.linalg.norm(sp["image"].astype(np.float32), axis=1), 1, atol=1e-3)
     np.testing.assert_allclose(sp["image"], x, atol=2e-3)
 
 

@@ -79,6 +79,7 @@ class CMCR:
         self.overlap: str | None = None
         self.history: list[dict] = []
         self.timings: dict[str, float] = {}
+        self.aggregation: dict[str, dict] = {}  # hop -> aggregation report (method; measured accuracy of "ivf")
         self.fitted_run_key: str | None = None  # run_key of the data and config it was trained on
         self.training_data: dict[str, dict] = {}  # space -> modality -> {"rows", "fingerprint"}
 
@@ -109,10 +110,12 @@ class CMCR:
         out = {}
         for key, space in (("v", x), ("a", y)):
             mod = other_modality(space, overlap)
+            report: dict = {}
             out[key] = cached_aggregate(
-                cache_dir, space[overlap], space[mod], tau=cfg.tau1, method=cfg.aggregation,
-                k=cfg.aggregation_k, device=cfg.device, progress=f"agg {space.name} {overlap}->{mod}" if progress else False,
+                cache_dir, space[overlap], space[mod], **cfg.aggregate_kwargs(cache_dir), report=report,
+                progress=f"agg {space.name} {overlap}->{mod}" if progress else False,
             )
+            self.aggregation[f"{space.name}: {overlap}->{mod}"] = report
         return out
 
     def fit(self, x: Space, y: Space, overlap: str, *, run_dir: str | Path | None = None,
@@ -208,7 +211,7 @@ class CMCR:
             raise ValueError("nothing to save: this CMCR model is not fitted or loaded yet")
         meta = {"method": self.method, "config": asdict(self.config), "spaces": self.spaces,
                 "overlap": self.overlap, "history": self.history, "timings": self.timings,
-                "run_key": self.fitted_run_key, "training_data": self.training_data}
+                "run_key": self.fitted_run_key, "training_data": self.training_data, "aggregation": self.aggregation}
         return save_model(path, self.heads, meta)
 
     @classmethod
@@ -228,6 +231,7 @@ class CMCR:
         model.heads = materialize(lambda: model._build(spaces), state, folder / WEIGHTS)
         model.overlap, model.history, model.timings = overlap, meta.get("history", []), meta.get("timings", {})
         model.fitted_run_key, model.training_data = meta.get("run_key"), meta.get("training_data", {})
+        model.aggregation = meta.get("aggregation", {})
         return model
 
     # Official releases: which head projects which space (reference/README.md, DESIGN §5).

@@ -71,6 +71,7 @@ from pairfree.devices import resolve_device
 from pairfree.checkpoint import (CONFIG, WEIGHTS, dim_field, field, linear_shape, materialize, modalities_field, name_field,
                                  read_model, read_official, save_model)
 from pairfree.memory import aggregate, as_tensor, load_cached
+from pairfree.train import ConcatRows
 from pairfree.config import ConfigError, option
 from pairfree.projector import BN_MODES, MLP2, init_weights
 from pairfree.space import Space, SpaceError, check_overlap, embedding_rows, other_modality
@@ -240,25 +241,37 @@ def _pool_key(roles: Roles, name: str, settings: dict[str, Any]) -> str:
     return h.hexdigest()[:24]
 
 
-def modality_centric_pass(roles: Roles, name: str, *, tau: float = 0.01, method: str = "exact", k: int = 256,
-                          normalize: bool = True, device: str | None = None, progress: bool = False
-                          ) -> dict[str, np.ndarray]:
-    """One modality-centric pass: a tuple {c, ol, ob, nb} per query of the pass's modality."""
+def modality_centric_pass(roles: Roles, name: str, *, progress: bool = False, outs: dict | None = None,
+                          reports: dict | None = None, **settings) -> dict[str, np.ndarray]:
+    """One modality-centric pass: a tuple {c, ol, ob, nb} per query of the pass's modality.
+
+    `settings`: `memory.aggregate` keywords (tau, method, k, normalize, device, dtype, ivf, backend).
+    `outs`: arrays to write the computed roles into (memory-mapped files at scale). `reports`
+    receives each hop's aggregation report, keyed by the hop."""
     M = roles.memories()
-    kw = dict(tau=tau, method=method, k=k, normalize=normalize, device=device)
+    outs = outs or {}
 
-    def agg(q, keys, values=None, what=""):
-        return aggregate(q, keys, values, progress=f"{name}-centric {what}" if progress else False, **kw)
+    def agg(q, keys, values, roles_out, what):
+        report: dict = {}
+        target = [outs[r] for r in roles_out] if all(r in outs for r in roles_out) else None
+        if target is not None and not isinstance(values, list):
+            target = target[0]
+        res = aggregate(q, keys, values, report=report, out=target,
+                        progress=f"{name}-centric {what}" if progress else False, **settings)
+        if reports is not None:
+            reports[f"{name}: {what}"] = report
+        return res
 
+    lo, bo, ov = roles.leaf_other, roles.base_other, roles.overlap
     if name == "overlap":
-        return {"c": agg(M["OL"], M["C"], what=f"{roles.overlap}->{roles.leaf_other}"), "ol": M["OL"], "ob": M["OB"],
-                "nb": agg(M["OB"], M["NB"], what=f"{roles.overlap}->{roles.base_other}")}
+        return {"c": agg(M["OL"], M["C"], None, ["c"], f"{ov}->{lo}"), "ol": M["OL"], "ob": M["OB"],
+                "nb": agg(M["OB"], M["NB"], None, ["nb"], f"{ov}->{bo}")}
     if name == "leaf":
-        ol, ob = agg(M["C"], M["OL"], [M["OL"], M["OB"]], what=f"{roles.leaf_other}->{roles.overlap}")
-        return {"c": M["C"], "ol": ol, "ob": ob, "nb": agg(ob, M["NB"], what=f"{roles.overlap}->{roles.base_other}")}
+        ol, ob = agg(M["C"], M["OL"], [M["OL"], M["OB"]], ["ol", "ob"], f"{lo}->{ov}")
+        return {"c": M["C"], "ol": ol, "ob": ob, "nb": agg(ob, M["NB"], None, ["nb"], f"{ov}->{bo}")}
     if name == "base":
-        ob, ol = agg(M["NB"], M["OB"], [M["OB"], M["OL"]], what=f"{roles.base_other}->{roles.overlap}")
-        return {"c": agg(ol, M["C"], what=f"{roles.overlap}->{roles.leaf_other}"), "ol": ol, "ob": ob, "nb": M["NB"]}
+        ob, ol = agg(M["NB"], M["OB"], [M["OB"], M["OL"]], ["ob", "ol"], f"{bo}->{ov}")
+        return {"c": agg(ol, M["C"], None, ["c"], f"{ov}->{lo}"), "ol": ol, "ob": ob, "nb": M["NB"]}
     raise ValueError(f"unknown modality-centric pass {name!r}; choose from {PASSES}")
 
 
@@ -266,32 +279,46 @@ def modality_centric_pass(roles: Roles, name: str, *, tau: float = 0.01, method:
 _COMPUTED = {"overlap": ("c", "nb"), "leaf": ("ol", "ob", "nb"), "base": ("c", "ol", "ob")}
 
 
-def cached_pass(cache_dir: str | Path | None, roles: Roles, name: str, **kwargs) -> dict[str, np.ndarray]:
-    """`modality_centric_pass`, memoised on disk: one folder per (inputs, τ1, settings, pass)."""
-    if cache_dir is None:
-        return modality_centric_pass(roles, name, **kwargs)
-    from pairfree.fileio import atomic_dir
+def cached_pass(cache_dir: str | Path | None, roles: Roles, name: str, *, progress: bool = False,
+                reports: dict | None = None, **agg) -> dict[str, np.ndarray]:
+    """`modality_centric_pass`, memoised on disk: one folder per (inputs, τ1, settings, pass).
 
-    settings = {k: kwargs.get(k, d) for k, d in (("tau", 0.01), ("method", "exact"), ("k", 256), ("normalize", True))}
-    if settings["method"] != "topk":
-        settings.pop("k")
-    folder = Path(cache_dir) / f"exmcr-pool-{name}-{_pool_key(roles, name, settings)}"
+    The computed roles are written block by block into memory-mapped files (float16 when the memories
+    are float16) and come back memory-mapped, so a paper-scale pass never has to fit in RAM."""
+    if cache_dir is None:
+        return modality_centric_pass(roles, name, progress=progress, reports=reports, **agg)
+    from pairfree.fileio import atomic_dir
+    from pairfree.memory import cache_settings, storage_dtype
+
     M = roles.memories()
-    given = {"overlap": {"ol": M["OL"], "ob": M["OB"]}, "leaf": {"c": M["C"]}, "base": {"nb": M["NB"]}}[name]
-    files = {r: folder / f"{r}.npy" for r in _COMPUTED[name]}
     n = {"overlap": M["OL"], "leaf": M["C"], "base": M["NB"]}[name].shape[0]
+    settings = cache_settings(agg, n, max(a.shape[0] for a in M.values()))
+    folder = Path(cache_dir) / f"exmcr-pool-{name}-{_pool_key(roles, name, settings)}"
+    given = {"overlap": {"ol": M["OL"], "ob": M["OB"]}, "leaf": {"c": M["C"]}, "base": {"nb": M["NB"]}}[name]
     dims = {"c": M["C"].shape[1], "ol": M["OL"].shape[1], "ob": M["OB"].shape[1], "nb": M["NB"].shape[1]}
-    cached = {r: load_cached(f, (n, dims[r])) for r, f in files.items()}
+    dtype = storage_dtype(*M.values())
+    cached = {r: load_cached(folder / f"{r}.npy", (n, dims[r]), dtype) for r in _COMPUTED[name]}
     if all(a is not None for a in cached.values()):
+        if reports is not None:
+            try:
+                reports.update(json.loads((folder / "meta.json").read_text()).get("aggregation", {}))
+            except (OSError, ValueError):
+                pass
         return {**given, **cached}
-    out = modality_centric_pass(roles, name, **kwargs)
+    hops: dict = {}
     with atomic_dir(folder) as tmp:
-        for r in _COMPUTED[name]:
-            with open(tmp / f"{r}.npy", "wb") as f:
-                np.save(f, out[r])
+        outs = {r: np.lib.format.open_memmap(tmp / f"{r}.npy", mode="w+", dtype=dtype, shape=(n, dims[r]))
+                for r in _COMPUTED[name]}
+        modality_centric_pass(roles, name, progress=progress, outs=outs, reports=hops, **agg)
+        for a in outs.values():
+            a.flush()
+        del outs
         (tmp / "meta.json").write_text(json.dumps({"pass": name, **settings, "leaf": roles.leaf.name,
-                                                   "base": roles.base.name, "overlap": roles.overlap}) + "\n")
-    return out
+                                                   "base": roles.base.name, "overlap": roles.overlap,
+                                                   "aggregation": hops}) + "\n")
+    if reports is not None:
+        reports.update(hops)
+    return {**given, **{r: load_cached(folder / f"{r}.npy", (n, dims[r]), dtype) for r in _COMPUTED[name]}}
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -310,6 +337,7 @@ class ExMCR:
         self.leaves: dict[str, dict[str, Any]] = {}  # name -> {"dim", "overlap", "modality", "modalities"}
         self.history: dict[str, list[dict]] = {}
         self.timings: dict[str, float] = {}
+        self.aggregation: dict[str, dict] = {}  # leaf -> hop -> aggregation report
         self.fitted_run_key: str | None = None
         self.training_data: dict[str, dict] = {}  # space -> modality -> {"rows", "fingerprint"}
 
@@ -353,12 +381,13 @@ class ExMCR:
         return out
 
     # ---- training ------------------------------------------------------------------------------
-    def pseudo_data(self, roles: Roles, cache_dir: str | Path | None = None, progress: bool = False
-                    ) -> dict[str, dict[str, np.ndarray]]:
-        """The enabled modality-centric passes for one leaf: pass name -> {c, ol, ob, nb}."""
+    def pseudo_data(self, roles: Roles, cache_dir: str | Path | None = None, progress: bool = False,
+                    reports: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """The enabled modality-centric passes for one leaf: pass name -> {c, ol, ob, nb}; `reports`
+        receives each aggregation hop's report (method, and for "ivf" its measured accuracy)."""
         cfg = self.config
-        return {p: cached_pass(cache_dir, roles, p, tau=cfg.tau1, method=cfg.aggregation, k=cfg.aggregation_k,
-                               normalize=cfg.normalize_pseudo, device=cfg.device, progress=progress)
+        return {p: cached_pass(cache_dir, roles, p, normalize=cfg.normalize_pseudo, progress=progress,
+                               reports=reports, **cfg.aggregate_kwargs(cache_dir))
                 for p in cfg.pass_list}
 
     def fit(self, base: Space, leaves: Mapping[str, Any], *, run_dir: str | Path | None = None,
@@ -381,7 +410,7 @@ class ExMCR:
                     {n: {"dim": r.leaf.dim, "overlap": r.overlap, "modality": r.leaf_other,
                          "modalities": [r.overlap, r.leaf_other], "base_modality": r.base_other}
                      for n, r in roles.items()})
-        self.history, self.timings = {}, {}
+        self.history, self.timings, self.aggregation = {}, {}, {}
         for name, r in roles.items():
             self._fit_leaf(name, r, run_dir=None if run_dir is None else Path(run_dir) / name,
                            cache_dir=cache_dir, progress=progress)
@@ -391,9 +420,11 @@ class ExMCR:
     def _fit_leaf(self, name: str, roles: Roles, *, run_dir, cache_dir, progress: bool) -> None:
         cfg = self.config
         t0 = time.perf_counter()
-        pools = self.pseudo_data(roles, cache_dir, progress)
-        data = {r: as_tensor(np.concatenate([np.asarray(p[r], dtype=np.float32) for p in pools.values()]))
-                for r in ROLES}
+        hops: dict = {}
+        pools = self.pseudo_data(roles, cache_dir, progress, hops)
+        self.aggregation[name] = hops
+        # the pool is read in place (memory-mapped at scale): each batch gathers its rows from the passes
+        data = {r: ConcatRows([p[r] for p in pools.values()]) for r in ROLES}
         self.timings[f"{name}/aggregation_s"] = time.perf_counter() - t0
         self.timings[f"{name}/pool_rows"] = int(data["c"].shape[0])
         head: DecoupledProjector = self.heads[name]
@@ -473,7 +504,7 @@ class ExMCR:
         self._check()
         meta = {"method": self.method, "config": asdict(self.config), "base": self.base, "leaves": self.leaves,
                 "history": self.history, "timings": self.timings, "run_key": self.fitted_run_key,
-                "training_data": self.training_data}
+                "training_data": self.training_data, "aggregation": self.aggregation}
         return save_model(path, self.heads, meta)
 
     @classmethod
@@ -498,6 +529,7 @@ class ExMCR:
         model.heads = materialize(lambda: model._build(base, leaves), state, folder / WEIGHTS)
         model.history, model.timings = meta.get("history", {}), meta.get("timings", {})
         model.fitted_run_key, model.training_data = meta.get("run_key"), meta.get("training_data", {})
+        model.aggregation = meta.get("aggregation", {})
         return model
 
     #: roles of the released heads (DESIGN §5): leaf name -> (overlap, leaf non-overlap modality)

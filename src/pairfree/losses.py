@@ -19,7 +19,9 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, chunk: int | 
         raise ValueError(f"info_nce needs two (n, d) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if chunk is None:
         chunk = 256 if a.device.type == "cpu" else 8192
-    return _SymmetricInfoNCE.apply(a, b, 1.0 / float(temperature), int(chunk))
+    dev = a.device.type
+    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    return _SymmetricInfoNCE.apply(a, b, 1.0 / float(temperature), int(chunk), compute)
 
 
 def info_nce_reference(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -29,43 +31,90 @@ def info_nce_reference(a: torch.Tensor, b: torch.Tensor, temperature: float) -> 
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+#: keep the (n, n) exp-logits between forward and backward up to this many elements (B = 4096: 16.8M)
+_KEEP_ELEMENTS = 1 << 26
+#: largest logit range whose exp() stays a normal float after a fixed shift (e^-80 > fp32's 1.2e-38)
+_SAFE_RANGE = {torch.float32: 80.0, torch.float64: 700.0}
+
+
 class _SymmetricInfoNCE(torch.autograd.Function):
     """loss = ½·mean_i lse_j(L_ij) + ½·mean_j lse_i(L_ij) − mean_i L_ii with L = a bᵀ/τ.
 
     dloss/dL = (softmax_rows(L) + softmax_cols(L)) / 2n − I/n, applied chunk by chunk.
+
+    The logits are bounded by inv_t·max|a|·max|b| (Cauchy-Schwarz; inv_t for unit rows). When twice
+    that bound fits the float range, one exp(L − bound) per element serves both softmaxes (row and
+    column sums of the same matrix) in the forward pass, and is kept for the backward pass when the
+    batch is small enough (B = 4096: 67 MB), which then needs no logits and no exp at all:
+    dL = E ⊙ (r_i + c_j) / 2 with r = e^(bound − row_lse), c = e^(bound − col_lse). Otherwise (tiny τ)
+    the running-max form is used. At the paper's τ = 0.05 this is half the exp() work of two separate
+    log-sum-exps, and the backward's GEMM for the logits is saved too.
+
+    Under autocast (`compute` = bf16 / fp16) the GEMMs run in that dtype and everything else (logits,
+    log-sum-exps, softmax, accumulation) in fp32: the logits reach 1/τ = 20, where bf16 would round
+    to ±0.06.
     """
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, inv_t: float, chunk: int) -> torch.Tensor:
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, inv_t: float, chunk: int, compute) -> torch.Tensor:
         a, b = a.contiguous(), b.contiguous()
+        if compute is not None:
+            a, b = a.float(), b.float()
+        ac, bc = (a, b) if compute is None else (a.to(compute), b.to(compute))
         n = a.shape[0]
+        bound = inv_t * float(a.norm(dim=1).max()) * float(b.norm(dim=1).max())
+        shifted = 2 * bound <= _SAFE_RANGE.get(a.dtype, 80.0)
+        keep = shifted and n * n <= _KEEP_ELEMENTS
+        exps = a.new_empty((n, n)) if keep else None
         row_lse = a.new_empty(n)
-        col_lse = a.new_full((n,), float("-inf"))
+        col = a.new_zeros(n) if shifted else a.new_full((n,), float("-inf"))
         for s in range(0, n, chunk):
-            logits = (a[s : s + chunk] @ b.T).mul_(inv_t)
-            row_lse[s : s + chunk] = torch.logsumexp(logits, 1)
-            col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, 0))
+            logits = (ac[s : s + chunk] @ bc.T).to(a.dtype).mul_(inv_t)
+            if shifted:
+                e = logits.sub_(bound).exp_()
+                row_lse[s : s + chunk] = e.sum(1).log_().add_(bound)
+                col += e.sum(0)
+                if keep:
+                    exps[s : s + chunk] = e
+            else:
+                row_lse[s : s + chunk] = torch.logsumexp(logits, 1)
+                col = torch.logaddexp(col, torch.logsumexp(logits, 0))
+        col_lse = col.log().add_(bound) if shifted else col
         diag = (a * b).sum(1).mul_(inv_t)
-        ctx.save_for_backward(a, b, row_lse, col_lse)
-        ctx.inv_t, ctx.chunk = inv_t, chunk
+        ctx.save_for_backward(a, b, row_lse, col_lse, *([exps] if keep else []))
+        ctx.inv_t, ctx.chunk, ctx.compute, ctx.bound, ctx.mode = inv_t, chunk, compute, bound, (
+            "kept" if keep else "shifted" if shifted else "max")
         return 0.5 * (row_lse.mean() + col_lse.mean()) - diag.mean()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        a, b, row_lse, col_lse = ctx.saved_tensors
-        inv_t, chunk = ctx.inv_t, ctx.chunk
+        a, b, row_lse, col_lse, *kept = ctx.saved_tensors
+        inv_t, chunk, compute, bound, mode = ctx.inv_t, ctx.chunk, ctx.compute, ctx.bound, ctx.mode
+        ac, bc = (a, b) if compute is None else (a.to(compute), b.to(compute))
         n = a.shape[0]
         scale = grad * inv_t / n
         grad_a, grad_b = torch.empty_like(a), torch.zeros_like(b)
+        if mode != "max":
+            r, c = torch.exp(bound - row_lse), torch.exp(bound - col_lse)
         for s in range(0, n, chunk):
-            logits = (a[s : s + chunk] @ b.T).mul_(inv_t)
-            p = torch.exp(logits - col_lse)
-            p.add_(logits.sub_(row_lse[s : s + chunk, None]).exp_()).mul_(0.5)
-            grad_a[s : s + chunk] = p @ b
-            grad_b.addmm_(p.T, a[s : s + chunk])
+            if mode == "max":
+                logits = (ac[s : s + chunk] @ bc.T).to(a.dtype).mul_(inv_t)
+                p = torch.exp(logits - col_lse)
+                p.add_(logits.sub_(row_lse[s : s + chunk, None]).exp_()).mul_(0.5)
+            else:
+                e = kept[0][s : s + chunk] if mode == "kept" else \
+                    (ac[s : s + chunk] @ bc.T).to(a.dtype).mul_(inv_t).sub_(bound).exp_()
+                p = e * (r[s : s + chunk, None] + c[None, :]).mul_(0.5)
+            if compute is None:
+                grad_a[s : s + chunk] = p @ b
+                grad_b.addmm_(p.T, a[s : s + chunk])
+            else:
+                pc = p.to(compute)
+                grad_a[s : s + chunk] = (pc @ bc).float()
+                grad_b += (pc.T @ ac[s : s + chunk]).float()
         grad_a.sub_(b).mul_(scale)  # the −mean(diag) term
         grad_b.sub_(a).mul_(scale)
-        return grad_a, grad_b, None, None
+        return grad_a, grad_b, None, None, None
 
 
 def squared_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

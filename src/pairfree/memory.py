@@ -1,32 +1,46 @@
 """Memory aggregation: agg(q, M) = normalize(softmax(q·Mᵀ/τ) · M), in bounded memory.
 
-At paper scale (2.3M queries against 1-2M memory rows) the N x M score matrix never fits, so the
-softmax is computed online over memory chunks (running max + rescaled sums, as in flash attention):
-peak memory is one (query_chunk x memory_chunk) score block plus the (query_chunk x d) accumulators,
-independent of N and M. The work is two GEMMs per block, so it runs close to the matmul rate.
+At paper scale (2.3M queries against 1-2M memory rows) the N x M score matrix never fits. Methods:
+
+- "exact": the full softmax. Kernels: "sdpa" is torch's fused attention (`scaled_dot_product_attention`
+  with scale 1/τ computes exactly softmax(q·Mᵀ/τ)·M without materialising the scores; on CPU the
+  flash kernel also returns the log-sum-exp, so memories larger than `resident_bytes` stream through
+  it in chunks that are merged exactly); "chunked" is our own online softmax over memory chunks
+  (running max + rescaled sums, as in flash attention), the fallback wherever no fused kernel takes
+  the shapes (e.g. CUDA flash attention stops at head dim 256). bf16 / fp16 compute keeps fp32
+  accumulation; the chunked kernel also shifts each score by the running maximum *inside* the GEMM
+  (one extra column), so the scores that carry the weight are not rounded to 8 bits.
+- "ivf": approximate, for large memories (`pairfree.ivf`): the memory is partitioned by k-means
+  (faiss), each query scores exactly, in fp32, every row of the lists it probes, and the number of
+  probes is calibrated on a query sample so that the dropped softmax mass stays under a bound;
+  the achieved accuracy is measured against exact and reported.
+- "topk": exact top-k scores per query (chunked), re-scored in fp32, softmax over those k.
+- "auto": "exact" up to `AUTO_EXACT_PAIRS` query x memory pairs, "ivf" above.
 
 `keys` decide the weights, `values` are what gets averaged; they default to the same memory. Ex-MCR
 carries weights computed on one space's texts over to the aligned texts of another space, which is
 `aggregate(q, keys=T_a, values=[T_a, T_b])`.
-
-`method="topk"` keeps only the k largest scores per query (exact top-k, chunked); with τ = 0.01 the
-discarded softmax mass is tiny. It is an approximation: measure it against "exact" (see
-benchmarks/aggregate.py) before relying on it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import math
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from pairfree.progress import progress as progress_bar
 
-Array = "np.ndarray | torch.Tensor"
+METHODS = ("auto", "exact", "topk", "ivf")
+KERNELS = ("auto", "sdpa", "chunked")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+#: above this many query x memory pairs (e.g. 200k x 250k), method="auto" approximates with "ivf"
+AUTO_EXACT_PAIRS = 5e10
 
 
 def as_tensor(a) -> torch.Tensor:
@@ -50,6 +64,27 @@ def _resident(x, device: torch.device, dtype: torch.dtype, max_bytes: int):
     return x
 
 
+def compute_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"aggregate: dtype must be one of {list(COMPUTE_DTYPES)}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def choose_method(n: int, m: int) -> str:
+    """What method="auto" runs for n queries against m memory rows."""
+    if n * m <= AUTO_EXACT_PAIRS:
+        return "exact"
+    from pairfree.ivf import faiss_available
+
+    if not faiss_available():
+        warnings.warn(f"aggregate: {n} x {m} pairs would use method='ivf', which needs faiss "
+                      "(pip install 'pairfree[faiss]'); running the exact aggregation instead", stacklevel=3)
+        return "exact"
+    return "ivf"
+
+
 def aggregate(
     queries,
     keys,
@@ -59,23 +94,45 @@ def aggregate(
     method: str = "exact",
     k: int = 256,
     query_chunk: int = 4096,
-    memory_chunk: int = 32768,
+    memory_chunk: int | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-    resident_bytes: int = 2 << 30,
+    dtype: str | torch.dtype = torch.float32,
+    kernel: str = "auto",
+    resident_bytes: int = 4 << 30,
     normalize: bool = True,
     progress: bool | str = False,
+    ivf: Any = None,
+    report: dict | None = None,
+    backend: str = "local",
+    out=None,
 ) -> np.ndarray | list[np.ndarray]:
     """Softmax-weighted average of memory rows for each query.
 
-    queries (N, d) and keys (M, d): unit rows (numpy, memory-mapped numpy or torch). values: None
-    (use keys), one (M, dv) array or a list of them, rows aligned with keys. Returns float32 numpy
-    (N, dv), re-normalised unless normalize=False; a list when values is a list.
+    queries (N, d) and keys (M, d): unit rows (numpy, memory-mapped numpy or torch; float32, float16
+    or bfloat16). values: None (use keys), one (M, dv) array or a list of them, rows aligned with keys.
+    Returns float32 numpy (N, dv), re-normalised unless normalize=False; a list when values is a list.
+    `ivf`: `pairfree.ivf.IVFSettings` for method "ivf"/"auto". `report`: a dict that receives what was
+    run (method, kernel) and, for "ivf", the measured dropped mass and cosine to exact.
+    `backend="ray"` runs query shards as Ray tasks (`pairfree.distributed`), with the same result.
+    `out`: preallocated (N, dv) arrays (float32 or float16, e.g. memory-mapped files), one per value,
+    that receive the result block by block, so a paper-scale result never has to fit in RAM.
     """
-    if method not in ("exact", "topk"):
-        raise ValueError(f"aggregate: method must be 'exact' or 'topk', got {method!r}")
-    if tau <= 0:
-        raise ValueError(f"aggregate: tau must be > 0, got {tau}")
+    if backend == "ray":
+        from pairfree.distributed import ray_aggregate
+
+        return ray_aggregate(queries, keys, values, tau=tau, method=method, k=k, query_chunk=query_chunk,
+                             memory_chunk=memory_chunk, device=device, dtype=dtype, kernel=kernel,
+                             resident_bytes=resident_bytes, normalize=normalize, progress=progress, ivf=ivf,
+                             report=report, out=out)
+    if backend != "local":
+        raise ValueError(f"aggregate: backend must be 'local' or 'ray', got {backend!r}")
+    if method not in METHODS:
+        raise ValueError(f"aggregate: method must be one of {list(METHODS)}, got {method!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"aggregate: kernel must be one of {list(KERNELS)}, got {kernel!r}")
+    if not (tau > 0 and math.isfinite(tau)):
+        raise ValueError(f"aggregate: tau must be a finite number > 0, got {tau}")
+    dt = compute_dtype(dtype)
     as_list = isinstance(values, (list, tuple))
     vals: Sequence = list(values) if as_list else [keys if values is None else values]
     n, d = queries.shape
@@ -86,36 +143,177 @@ def aggregate(
         if v.shape[0] != m:
             raise ValueError(f"aggregate: values[{i}] has {v.shape[0]} rows, keys have {m}; rows must align")
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    keys_r = _resident(keys, dev, dtype, resident_bytes)
-    vals_r = [keys_r if v is keys else _resident(v, dev, dtype, resident_bytes) for v in vals]
-    outs = [np.empty((n, v.shape[1]), dtype=np.float32) for v in vals]
+    if method == "auto":
+        method = choose_method(n, m)
+    outs = output_arrays(out, n, [v.shape[1] for v in vals])
+    info: dict[str, Any] = {"method": method, "queries": n, "memory": m, "dtype": str(dt).replace("torch.", "")}
     desc = progress if isinstance(progress, str) else "aggregate"
-    bar = progress_bar(n, desc, bool(progress), unit="q")
-    for qs in range(0, n, query_chunk):
-        q = _rows(queries, qs, min(qs + query_chunk, n), dev, dtype) / tau
-        if method == "exact":
-            res = _exact_block(q, keys_r, vals_r, m, memory_chunk, dev, dtype)
-        else:
-            res = _topk_block(q, keys_r, vals_r, m, min(k, m), memory_chunk, dev, dtype)
-        for out, r in zip(outs, res):
-            if normalize:
-                r = torch.nn.functional.normalize(r, dim=-1)
-            out[qs : qs + len(r)] = r.float().cpu().numpy()
-        bar.update(len(q))
-    bar.close()
+    if method == "ivf":
+        from pairfree.ivf import ivf_aggregate
+
+        ivf_aggregate(queries, keys, vals, tau=tau, settings=ivf, device=dev, report=info, outs=outs,
+                      normalize=normalize, progress=desc if progress else False)
+    elif method == "topk":
+        _run_blocks(queries, keys, vals, tau, query_chunk, dev, dt, resident_bytes, desc, progress, outs, normalize,
+                    lambda q, kr, vr, qf: _topk_block(q, qf, kr, vr, m, min(k, m), tau, memory_chunk or 32768, dev, dt))
+        info["k"] = min(k, m)
+    else:
+        use = _pick_kernel(kernel, dev, keys, vals, dt, resident_bytes, memory_chunk)
+        info["kernel"] = use
+        chunk = memory_chunk or (m if use == "sdpa" else 32768)
+        block = _sdpa_block if use == "sdpa" else _exact_block
+        _run_blocks(queries, keys, vals, tau, query_chunk, dev, dt, resident_bytes, desc, progress, outs, normalize,
+                    lambda q, kr, vr, qf: block(q, kr, vr, m, chunk, dev, dt))
+    if report is not None:
+        report.update(info)
     return outs if as_list else outs[0]
 
 
+def output_arrays(out, n: int, widths: list[int]) -> list[np.ndarray]:
+    """The arrays a result is written to: `out` (checked) or new float32 arrays."""
+    if out is None:
+        return [np.empty((n, w), dtype=np.float32) for w in widths]
+    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+    if len(outs) != len(widths) or any(o.shape != (n, w) for o, w in zip(outs, widths)):
+        raise ValueError(f"aggregate: out must be {len(widths)} array(s) of shapes {[(n, w) for w in widths]}, "
+                         f"got {[tuple(o.shape) for o in outs]}")
+    return outs
+
+
+def store_rows(outs: list[np.ndarray], start: int, results: list[torch.Tensor], normalize: bool) -> None:
+    """Write one block of results (fp32 tensors), L2-normalised in fp32 first when asked."""
+    for o, r in zip(outs, results):
+        r = r.float()
+        if normalize:
+            r = torch.nn.functional.normalize(r, dim=-1)
+        o[start : start + len(r)] = r.cpu().numpy()
+
+
+def _run_blocks(queries, keys, vals, tau, query_chunk, dev, dt, resident_bytes, desc, progress, outs, normalize, fn):
+    """Query chunks through `fn(q / tau, keys, values, q_fp32)`; keys and values resident when they fit."""
+    n = queries.shape[0]
+    keys_r = _resident(keys, dev, dt, resident_bytes)
+    vals_r = [keys_r if v is keys else _resident(v, dev, dt, resident_bytes) for v in vals]
+    bar = progress_bar(n, desc, bool(progress), unit="q")
+    for qs in range(0, n, query_chunk):
+        qf = _rows(queries, qs, min(qs + query_chunk, n), dev, torch.float32)
+        store_rows(outs, qs, fn((qf / tau).to(dt), keys_r, vals_r, qf), normalize)
+        bar.update(len(qf))
+    bar.close()
+
+
+def _flash_cpu():
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _pick_kernel(kernel: str, dev: torch.device, keys, vals, dt, resident_bytes: int, memory_chunk) -> str:
+    """"sdpa" where a fused kernel can take the whole job, else "chunked"."""
+    if kernel != "auto":
+        return kernel
+    if dev.type == "cpu":
+        return "sdpa" if _flash_cpu() is not None else "chunked"
+    m, d = keys.shape
+    fits = (m * (d + sum(v.shape[1] for v in vals)) * torch.finfo(dt).bits // 8) <= resident_bytes
+    return "sdpa" if fits and memory_chunk is None and fused_supported(str(dev), d, str(dt)) else "chunked"
+
+
+def _fused_backends() -> list:
+    from torch.nn.attention import SDPBackend
+
+    names = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+    return [getattr(SDPBackend, n) for n in names if hasattr(SDPBackend, n)]
+
+
+@functools.lru_cache(maxsize=None)
+def fused_supported(device: str, d: int, dtype: str) -> bool:
+    """Does a fused (non-materialising) SDPA backend take head size `d` in `dtype` on `device`?
+
+    Checked by running one on a tiny input with the math backend excluded: CUDA flash attention
+    stops at d = 256, memory-efficient attention and cuDNN have their own limits per GPU and version."""
+    from torch.nn.attention import sdpa_kernel
+
+    dt = getattr(torch, dtype.replace("torch.", ""))
+    x = torch.zeros((1, 1, 8, d), device=device, dtype=dt)
+    try:
+        with sdpa_kernel(_fused_backends()):
+            torch.nn.functional.scaled_dot_product_attention(x, x, x)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _sdpa_block(q, keys, vals, m, chunk, dev, dt):
+    """Fused attention over memory chunks; chunk results merged exactly through their log-sum-exp.
+
+    q arrives pre-divided by τ, so the kernel runs with scale 1. The fused kernels need values as wide
+    as the keys: values other than the keys are concatenated, zero-padded and cut into key-wide blocks
+    (one kernel call each; the weights are recomputed per block, which is cheaper than leaving the
+    fused kernel)."""
+    nq, d = q.shape
+    flash = _flash_cpu() if dev.type == "cpu" else None
+    others = [i for i, v in enumerate(vals) if v is not keys]
+    widths = [vals[i].shape[1] for i in others]
+    lse = None
+    accs = [torch.zeros((nq, v.shape[1]), device=dev, dtype=torch.float32) for v in vals]
+    q4 = q[None, None]
+
+    def attend(kb, vb):
+        if flash is not None:
+            o, l = flash(q4, kb[None, None], vb[None, None], scale=1.0)
+            return o[0, 0].float(), l[0, 0].float()[:, None]
+        # one chunk covers the whole memory here (see _pick_kernel): no log-sum-exp needed
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(_fused_backends()):
+            o = torch.nn.functional.scaled_dot_product_attention(q4, kb[None, None], vb[None, None], scale=1.0)
+        return o[0, 0].float(), torch.zeros((nq, 1), device=dev)
+
+    for ms in range(0, m, chunk):
+        me = min(ms + chunk, m)
+        kb = _rows(keys, ms, me, dev, dt)
+        results = {}
+        if len(others) < len(vals):
+            results["keys"], lse_c = attend(kb, kb)
+        if others:
+            x = torch.cat([_rows(vals[i], ms, me, dev, dt) for i in others], 1)
+            x = torch.nn.functional.pad(x, (0, -x.shape[1] % d))
+            parts = [attend(kb, x[:, c : c + d]) for c in range(0, x.shape[1], d)]
+            lse_c = parts[0][1]
+            results["others"] = torch.cat([o for o, _ in parts], 1).split(widths + [x.shape[1] - sum(widths)], 1)
+        new_lse = lse_c if lse is None else torch.logaddexp(lse, lse_c)
+        for i, acc in enumerate(accs):
+            o = results["others"][others.index(i)] if i in others else results["keys"]
+            if lse is None:
+                acc.copy_(o)
+            else:
+                acc.mul_(torch.exp(lse - new_lse)).add_(o * torch.exp(lse_c - new_lse))
+        lse = new_lse
+    return accs
+
+
 def _exact_block(q, keys, vals, m, chunk, dev, dtype):
-    """Online softmax over memory chunks: acc = Σ exp(s - run_max) v, rescaled when the max grows."""
+    """Online softmax over memory chunks: acc = Σ exp(s - run_max) v, rescaled when the max grows.
+
+    Low precision: the score GEMM's output would be rounded to the compute dtype (bf16: ±0.4 % of a
+    logit of ~100 at τ = 0.01), so from the second chunk on each query row carries -run_max as an extra
+    column: the GEMM returns s - run_max, near 0 exactly where the softmax weight is. The first chunk
+    runs in fp32 to find a running max."""
     nq = q.shape[0]
+    low = dtype != torch.float32
     run_max = torch.full((nq, 1), -math.inf, device=dev, dtype=torch.float32)
     run_sum = torch.zeros((nq, 1), device=dev, dtype=torch.float32)
     accs = [torch.zeros((nq, v.shape[1]), device=dev, dtype=torch.float32) for v in vals]
     for ms in range(0, m, chunk):
         me = min(ms + chunk, m)
         kb = _rows(keys, ms, me, dev, dtype)
-        s = (q @ kb.T).float()
+        if not low:
+            s = (q @ kb.T).float()
+        elif ms == 0:
+            s = q.float() @ kb.float().T
+        else:
+            shift = run_max.to(dtype)
+            ones = torch.ones((me - ms, 1), device=dev, dtype=dtype)
+            s = (torch.cat([q, -shift], 1) @ torch.cat([kb, ones], 1).T).float() + shift.float()
         new_max = torch.maximum(run_max, s.amax(dim=1, keepdim=True))
         scale = torch.exp(run_max - new_max)
         p = torch.exp(s - new_max)
@@ -128,8 +326,8 @@ def _exact_block(q, keys, vals, m, chunk, dev, dtype):
     return [a / run_sum for a in accs]
 
 
-def _topk_block(q, keys, vals, m, k, chunk, dev, dtype):
-    """Exact top-k scores by chunked merge, then softmax over those k and gather their values."""
+def _topk_block(q, qf, keys, vals, m, k, tau, chunk, dev, dtype):
+    """Exact top-k by chunked merge, re-scored in fp32, then softmax over those k and gather their values."""
     nq = q.shape[0]
     best_s = torch.full((nq, 0), -math.inf, device=dev)
     best_i = torch.zeros((nq, 0), device=dev, dtype=torch.long)
@@ -139,64 +337,125 @@ def _topk_block(q, keys, vals, m, k, chunk, dev, dtype):
         cs, ci = s.topk(min(k, me - ms), dim=1)
         best_s, pos = torch.cat([best_s, cs], 1).topk(min(k, best_s.shape[1] + cs.shape[1]), dim=1)
         best_i = torch.cat([best_i, ci + ms], 1).gather(1, pos)
-    w = torch.softmax(best_s, dim=1)
+    idx = best_i.reshape(-1).cpu()
+    krows = _gather(keys, idx, dev).reshape(nq, k, -1)
+    w = torch.softmax(torch.einsum("nd,nkd->nk", qf, krows) / tau, dim=1)
     out = []
     for v in vals:
-        idx = best_i.reshape(-1).cpu()
-        rows = v[idx.numpy()] if isinstance(v, np.ndarray) else v[idx.to(v.device)]
-        rows = torch.as_tensor(np.asarray(rows)) if isinstance(rows, np.ndarray) else rows
-        rows = rows.to(dev, torch.float32).reshape(nq, k, -1)
+        rows = krows if v is keys else _gather(v, idx, dev).reshape(nq, k, -1)
         out.append(torch.einsum("nk,nkd->nd", w, rows))
     return out
 
 
+def _gather(x, idx: torch.Tensor, dev) -> torch.Tensor:
+    """Rows `idx` of a numpy / memory-mapped / torch memory as fp32 on `dev`."""
+    if isinstance(x, torch.Tensor):
+        return x[idx.to(x.device)].to(dev, torch.float32)
+    return torch.from_numpy(np.asarray(x[idx.numpy()], dtype=np.float32)).to(dev)
+
+
 def aggregate_dense(queries, keys, values=None, tau: float = 0.01) -> np.ndarray:
     """Direct O(N·M)-memory reference implementation, for tests and small inputs only."""
-    q = torch.as_tensor(np.asarray(queries), dtype=torch.float64)
-    kk = torch.as_tensor(np.asarray(keys), dtype=torch.float64)
-    v = kk if values is None else torch.as_tensor(np.asarray(values), dtype=torch.float64)
+    q = torch.as_tensor(np.asarray(queries, dtype=np.float64))
+    kk = torch.as_tensor(np.asarray(keys, dtype=np.float64))
+    v = kk if values is None else torch.as_tensor(np.asarray(values, dtype=np.float64))
     w = torch.softmax(q @ kk.T / tau, dim=1)
     return torch.nn.functional.normalize(w @ v, dim=-1).float().numpy()
+
+
+#: aggregate() arguments that change its result (and therefore key its cache)
+RESULT_SETTINGS = ("tau", "method", "k", "normalize", "dtype", "ivf")
+
+
+def cache_settings(kwargs: dict[str, Any], n: int, m: int) -> dict[str, Any]:
+    """The result-relevant settings of an aggregate call, with "auto" resolved and defaults filled in."""
+    s = {"tau": kwargs.get("tau", 0.01), "method": kwargs.get("method", "exact"), "k": kwargs.get("k", 256),
+         "normalize": kwargs.get("normalize", True), "dtype": str(compute_dtype(kwargs.get("dtype", torch.float32)))}
+    if s["method"] == "auto":
+        s["method"] = choose_method(n, m)
+    if s["method"] != "topk":
+        s.pop("k")
+    if s["method"] == "ivf":
+        from pairfree.ivf import IVFSettings
+
+        s["ivf"] = (kwargs.get("ivf") or IVFSettings()).key()
+    if s["dtype"] == "torch.float32":
+        s.pop("dtype")  # keys of caches written before the option existed stay valid
+    return s
+
+
+def storage_dtype(*arrays) -> np.dtype:
+    """float16 when every input is float16 (a result is stored like the memories it came from), else float32."""
+    return np.dtype(np.float16) if all(getattr(a, "dtype", None) in (np.float16, torch.float16) for a in arrays) \
+        else np.dtype(np.float32)
+
+
+def new_outputs(stack, paths, n: int, widths: list[int], dtype) -> list[np.ndarray]:
+    """Memory-mapped result files under temporary names (renamed into place when `stack` closes
+    without error), so a crash never leaves a half-written cache entry."""
+    from pairfree.fileio import atomic_path
+
+    return [np.lib.format.open_memmap(stack.enter_context(atomic_path(p)), mode="w+", dtype=dtype, shape=(n, w))
+            for p, w in zip(paths, widths)]
 
 
 def cached_aggregate(cache_dir, queries, keys, values=None, **kwargs):
     """`aggregate`, memoised on disk by the content of its inputs and its settings.
 
     The aggregation dominates the cost at scale (hours at paper size) and is identical across
-    training runs that only change the projector or the losses, so it is worth keeping.
+    training runs that only change the projector or the losses, so it is worth keeping. Results are
+    written block by block into memory-mapped files (float16 when the memories are float16) and come
+    back memory-mapped. The report of the run that computed an entry (method, measured accuracy of
+    "ivf") is kept next to it and returned in `kwargs["report"]` on a cache hit too.
     """
     if cache_dir is None:
         return aggregate(queries, keys, values, **kwargs)
+    import contextlib
     from pathlib import Path
 
-    from pairfree.fileio import save_npy
+    from pairfree.fileio import write_json
     from pairfree.space import fingerprint
 
     as_list = isinstance(values, (list, tuple))
     vals = list(values) if as_list else [keys if values is None else values]
-    settings = {k: kwargs.get(k) for k in ("tau", "method", "k", "normalize")}
-    if settings["method"] != "topk":
-        settings.pop("k")
+    settings = cache_settings(kwargs, queries.shape[0], keys.shape[0])
+    dtype = storage_dtype(keys, *vals)
     h = hashlib.sha256(repr(sorted(settings.items())).encode())
     for a in (queries, keys, *vals):
         h.update(fingerprint(np.asarray(a) if not isinstance(a, np.ndarray) else a).encode())
-    paths = [Path(cache_dir) / f"agg-{h.hexdigest()[:24]}-{i}.npy" for i in range(len(vals))]
-    outs = [load_cached(p, (queries.shape[0], v.shape[1])) for p, v in zip(paths, vals)]
+    stem = f"agg-{h.hexdigest()[:24]}"
+    paths = [Path(cache_dir) / f"{stem}-{i}.npy" for i in range(len(vals))]
+    n, widths = queries.shape[0], [v.shape[1] for v in vals]
+    outs = [load_cached(p, (n, w), dtype) for p, w in zip(paths, widths)]
+    report = kwargs.get("report")
     if any(o is None for o in outs):
-        outs = aggregate(queries, keys, vals, **kwargs)
-        for p, o in zip(paths, outs):
-            save_npy(p, o)
+        info: dict = {}
+        with contextlib.ExitStack() as stack:
+            arrays = new_outputs(stack, paths, n, widths, dtype)
+            aggregate(queries, keys, vals, **{**kwargs, "report": info, "out": arrays})
+            for a in arrays:
+                a.flush()
+        write_json(Path(cache_dir) / f"{stem}.json", info)
+        outs = [load_cached(p, (n, w), dtype) for p, w in zip(paths, widths)]
+    else:
+        try:
+            info = json.loads((Path(cache_dir) / f"{stem}.json").read_text())
+        except (OSError, ValueError):
+            info = {}
+        info = {**info, "cached": True}
+    if report is not None:
+        report.update(info)
     return outs if as_list else outs[0]
 
 
-def load_cached(path, shape: tuple[int, int]) -> np.ndarray | None:
-    """A cached float32 array of exactly `shape` with finite values, or None (missing, truncated,
+def load_cached(path, shape: tuple[int, int], dtype=np.float32) -> np.ndarray | None:
+    """A cached array of exactly `shape` and `dtype` with finite values, or None (missing, truncated,
     another shape or dtype, NaN): the caller then recomputes it and overwrites the entry."""
     try:
         a = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
-    if a.shape != tuple(shape) or a.dtype != np.float32:
+    if a.shape != tuple(shape) or a.dtype != dtype:
         return None
     for start in range(0, a.shape[0], 65536):
         if not np.isfinite(a[start : start + 65536]).all():

@@ -76,8 +76,9 @@ def _read_path(path: Path, where: str) -> np.ndarray:
         raise SpaceError(f"{where}: {path} is not a plain numeric .npy/.npz array ({e})") from None
 
 
-def normalized(x: ArrayLike, where: str) -> np.ndarray:
-    """Validated float32 L2-normalised rows; the input is returned as is (no copy) when it already is."""
+def normalized(x: ArrayLike, where: str, keep: tuple = (np.float32,)) -> np.ndarray:
+    """Validated L2-normalised rows: the input as is (no copy) when its dtype is in `keep` and its rows
+    are unit already, else a float32 copy."""
     a = as_array(x, where)
     if a.ndim != 2:
         raise SpaceError(f"{where}: expected a 2-D array (rows x dim), got shape {tuple(a.shape)}")
@@ -85,7 +86,7 @@ def normalized(x: ArrayLike, where: str) -> np.ndarray:
         raise SpaceError(f"{where}: empty array of shape {tuple(a.shape)}")
     if not np.issubdtype(a.dtype, np.floating):
         raise SpaceError(f"{where}: expected floating-point embeddings, got dtype {a.dtype}")
-    already = a.dtype == np.float32
+    already = a.dtype in keep
     for start in range(0, a.shape[0], _CHECK_ROWS):
         chunk = np.asarray(a[start : start + _CHECK_ROWS], dtype=np.float32)
         bad = ~np.isfinite(chunk).all(axis=1)
@@ -131,8 +132,9 @@ class Space:
     """One pretrained contrastive space (CLIP, CLAP, ULIP-2, ...) and its embeddings per modality.
 
     Rows of different modalities are *not* paired. Embeddings are validated and L2-normalised on
-    entry; float32 arrays that already have unit rows (e.g. memory-mapped `.npy` stores) are kept
-    without copying.
+    entry; float32 and float16 arrays that already have unit rows (e.g. memory-mapped `.npy` stores,
+    clip-retrieval's float16 `img_emb/*.npy`) are kept as they are, without copying: at paper scale
+    one modality is gigabytes, and every consumer converts chunk by chunk.
     """
 
     def __init__(self, name: str, embeddings: Mapping[str, ArrayLike]):
@@ -144,7 +146,7 @@ class Space:
         self._emb: dict[str, np.ndarray] = {}
         self._fingerprints: dict[str, str] = {}
         for modality, x in embeddings.items():
-            self._emb[modality] = normalized(x, f"space {name!r}, modality {modality!r}")
+            self._emb[modality] = normalized(x, f"space {name!r}, modality {modality!r}", keep=(np.float32, np.float16))
         dims = {m: a.shape[1] for m, a in self._emb.items()}
         if len(set(dims.values())) != 1:
             raise SpaceError(f"space {name!r}: modalities have different dimensions {dims}; one space has one dim")

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.profiler import record_function
 
 from pairfree.config import check_fields, option
 from pairfree.config import from_dict as config_from_dict
@@ -36,9 +37,12 @@ class LoopSettings:
     warmup_steps: int
     seed: int
     device: str = "cpu"
+    precision: str = "fp32"
 
 
-AGGREGATIONS = ("exact", "topk")
+from pairfree.memory import COMPUTE_DTYPES, METHODS as AGGREGATIONS  # noqa: E402
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -52,8 +56,17 @@ class TrainConfig:
     warmup_steps: int = option(0, ge=0)
     seed: int = option(0, ge=0)
     device: str = option("cpu", doc="torch device: cpu, cuda, cuda:1, mps")
-    aggregation: str = option("exact", choices=AGGREGATIONS, doc="memory aggregation")
+    precision: str = option("fp32", choices=PRECISIONS, doc="training matmuls: fp32, or bf16 / fp16 autocast "
+                            "(fp32 master weights and loss statistics; fp16 on CUDA only, with loss scaling)")
+    aggregation: str = option("auto", choices=AGGREGATIONS, doc="memory aggregation: exact, ivf (approximate, "
+                              "calibrated), topk, or auto (exact up to 5e10 query x memory pairs, ivf above)")
     aggregation_k: int = option(256, ge=1, doc="neighbours kept by aggregation='topk'")
+    aggregation_dtype: str = option("float32", choices=COMPUTE_DTYPES, doc="compute dtype of exact aggregation "
+                                    "(fp32 accumulation either way)")
+    aggregation_max_dropped: float = option(0.01, gt=0, le=0.5, doc="aggregation='ivf': bound on the softmax mass "
+                                            "left out, at the 99th percentile of a calibration sample")
+    aggregation_backend: str = option("local", choices=("local", "ray"), doc="run the aggregation here or as "
+                                      "Ray tasks over query shards (RAY_ADDRESS, else a local Ray)")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -64,7 +77,16 @@ class TrainConfig:
 
     def loop_settings(self) -> LoopSettings:
         return LoopSettings(self.epochs, self.batch_size, self.lr, self.weight_decay, self.warmup_steps,
-                            self.seed, self.device)
+                            self.seed, self.device, self.precision)
+
+    def aggregate_kwargs(self, cache_dir=None) -> dict:
+        """Keyword arguments of `memory.aggregate` / `cached_aggregate` from these settings."""
+        from pairfree.ivf import IVFSettings
+
+        return {"tau": self.tau1, "method": self.aggregation, "k": self.aggregation_k, "device": self.device,
+                "dtype": self.aggregation_dtype, "backend": self.aggregation_backend,
+                "ivf": IVFSettings(max_dropped=self.aggregation_max_dropped,
+                                   cache_dir=None if cache_dir is None else str(cache_dir))}
 
 
 def _schedule(total: int, warmup: int) -> Callable[[int], float]:
@@ -179,9 +201,57 @@ def start_run(checkpoints: dict[Path | None, str], restart: bool = False,
                 (Path(ckpt_dir) / CKPT_NAME).unlink()
 
 
+class ConcatRows:
+    """Several row-aligned arrays read as one (rows of the first, then the second, ...), never copied.
+
+    The Ex-MCR pool is the passes' outputs next to the memories themselves: at paper scale tens of
+    gigabytes of memory-mapped float16, which a concatenation would load whole. Indexing with a batch
+    of row numbers reads just those rows (sorted per part, so a memory-mapped file is read forward)."""
+
+    def __init__(self, parts):
+        from pairfree.memory import as_tensor
+
+        self.parts = [as_tensor(p) for p in parts]
+        widths = {p.shape[1] for p in self.parts}
+        if len(widths) != 1:
+            raise ValueError(f"ConcatRows: parts have different widths {sorted(widths)}")
+        self.bounds = torch.tensor([0] + [p.shape[0] for p in self.parts]).cumsum(0)
+        self.shape = (int(self.bounds[-1]), widths.pop())
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((len(idx), self.shape[1]), dtype=torch.float32)
+        part = torch.bucketize(idx, self.bounds[1:], right=True)
+        for i, p in enumerate(self.parts):
+            where = torch.nonzero(part == i).squeeze(1)
+            if len(where):
+                local, order = (idx[where] - self.bounds[i]).sort()
+                out[where[order]] = p[local].float()
+        return out
+
+
+def batch_rows(t, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows `idx` of a training tensor (any float dtype, possibly memory-mapped) or ConcatRows, as fp32."""
+    return t[idx].to(device=device, dtype=torch.float32, non_blocking=True)
+
+
+def autocast_context(precision: str, device: torch.device):
+    """The autocast context of a training precision (a no-op for fp32)."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision 'fp16' needs a CUDA device (fp16 matmuls are slow on CPU and need loss "
+                         "scaling); use 'bf16' on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 def run(
     module: torch.nn.Module,
-    data: dict[str, torch.Tensor],
+    data: dict[str, torch.Tensor | ConcatRows],
     step: StepFn,
     settings: LoopSettings,
     *,
@@ -189,8 +259,12 @@ def run(
     run_key: str = "",
     desc: str = "train",
     progress: bool = True,
+    max_steps: int | None = None,
 ) -> list[dict]:
     """Train `module` for settings.epochs over the rows of `data`; returns per-epoch history.
+
+    `max_steps` stops after that many optimizer steps, without a checkpoint (benchmarks measure
+    throughput on a slice of a paper-scale epoch with it).
 
     `step(batch, generator)` returns (loss, logs). With ckpt_dir set, state is saved after every
     epoch and an existing checkpoint there (with the same run_key) is resumed.
@@ -209,25 +283,43 @@ def run(
     opt = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, settings.warmup_steps))
     gen = torch.Generator().manual_seed(settings.seed)
+    scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
+    autocast = autocast_context(settings.precision, device)
     start_epoch, history = 0, []
     ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir is not None else None
     if ckpt is not None and ckpt.exists():
         start_epoch, history = load_training_state(ckpt, module, opt, sched, gen, run_key)
     bar = progress_bar(total, desc, progress, unit="step", initial=start_epoch * n_batches)
+    steps_done = 0
     for epoch in range(start_epoch, settings.epochs):
         module.train()
         t0, sums = time.perf_counter(), {}
         for idx in torch.tensor_split(torch.randperm(n, generator=gen), n_batches):
-            b = {k: t[idx].to(device, non_blocking=True) for k, t in data.items()}
-            loss, logs = step(b, gen)
+            with record_function("pairfree.batch"):
+                b = {k: batch_rows(t, idx, device) for k, t in data.items()}
+            with autocast, record_function("pairfree.forward"):
+                loss, logs = step(b, gen)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            with record_function("pairfree.backward"):
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            with record_function("pairfree.optimizer"):
+                if scaler is None:
+                    opt.step()
+                else:
+                    scaler.step(opt)
+                    scaler.update()
+                sched.step()
             for k, v in {"loss": float(loss.detach()), **logs}.items():
                 sums[k] = sums.get(k, 0.0) + v / n_batches
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.4f}")
+            steps_done += 1
+            if max_steps is not None and steps_done >= max_steps:
+                bar.close()
+                module.eval()
+                return history + [{"epoch": epoch + 1, "steps": steps_done, "partial": True,
+                                   **{k: round(v * n_batches / steps_done, 6) for k, v in sums.items()},
+                                   "seconds": round(time.perf_counter() - t0, 3)}]
         history.append({"epoch": epoch + 1, **{k: round(v, 6) for k, v in sums.items()},
                         "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)})
         if ckpt is not None:
