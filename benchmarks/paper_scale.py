@@ -1,22 +1,26 @@
 """Paper scale on this machine: the papers' corpus sizes, their pseudo data and their training batch.
 
-    python benchmarks/paper_scale.py [--world DIR] [--preset paper|mini] [--stages world,cmcr,exmcr,train]
-                                     [--sample 4000] [--train-steps 150] [--out runs/bench/paper_scale]
+    python benchmarks/paper_scale.py [--world DIR] [--preset paper|mini] [--stages world,aggregation,train]
+                                     [--sample 3000] [--train-steps 150] [--out runs/bench/paper_scale]
 
 Stages, each in its own subprocess (so each peak memory is its own):
 - world: the scale world (`pairfree.toy.scale`: 2.31M texts in two towers, 1.3M images in two towers,
   1.8M audio, 0.8M point clouds, d = 512, float16 memory-mapped), its build time and statistics;
-- cmcr: C-MCR's pseudo pairs (CLIP texts -> CLIP images, CLAP texts -> CLAP audio);
-- exmcr: the three modality-centric passes of the CLAP leaf of Ex-MCR (six aggregation hops);
-- train: Ex-MCR training on that leaf's 5.41M-tuple pool (memory-mapped, gathered per batch) at batch
-  4096, fp32 and bf16 autocast, for --train-steps steps of an epoch; FLOPs per step counted by
-  torch's FlopCounterMode, as a ratio to the GEMM rate of the same dtype measured in the same run.
+- aggregation: the four distinct hops of C-MCR's pseudo pairs and of the three Ex-MCR passes of the
+  CLAP leaf (CLIP text -> image and CLAP text -> audio are C-MCR's and the overlap pass's; the leaf
+  and base passes' first hops carry two values; their second hops query the first two hops'
+  memories), each with the exact fused kernel and with IVF at three targets (mean cosine to exact
+  >= 0.99, >= 0.999, and the default dropped mass <= 0.01): probes calibrated on 1000 queries with
+  an exact reference, accuracy measured on the other --sample - 1000, throughput timed on a block of
+  --block queries (--exact-block for the exact kernel) and projected to the hop's query count;
+- train: Ex-MCR training on a 5.41M-tuple pool (memory-mapped float16, gathered per batch; memory
+  rows stand in for the aggregated roles) at batch 4096, fp32 and bf16 autocast, for --train-steps
+  steps; FLOPs per step counted by torch's FlopCounterMode, as a ratio to the best GEMM rate of the
+  same dtype measured in the same run.
 
-The aggregation runs with method "auto" (= "ivf" at these sizes); every hop reports the dropped
-softmax mass and the cosine to the exact aggregation on half of --sample queries (the other half
-calibrates the probes). Peak memory: the process's peak anonymous RSS (sampled; file-backed pages of
-the memory-mapped inputs are the page cache, not the process's) and VmHWM (all resident pages).
-Output: one JSON per stage, summary.json, and markdown tables on stdout.
+Peak memory: the process's peak anonymous RSS (sampled; file-backed pages of the memory-mapped inputs
+are the page cache, not the process's) and VmHWM (all resident pages). Output: one JSON per stage,
+summary.json, and markdown tables on stdout.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-STAGES = ("world", "cmcr", "exmcr", "train")
+STAGES = ("world", "aggregation", "train")
 
 
 class PeakMemory:
@@ -100,73 +104,110 @@ def stage_world(args) -> dict:
             "sizes": info["sizes"], "disk_gib": round(size / 2**30, 2), "realism": info.get("realism")}
 
 
-def _hops(reports: dict) -> list[dict]:
-    rows = []
-    for hop, r in reports.items():
-        sec = r.get("seconds", {})
-        rows.append({"hop": hop, "method": r.get("method"), "queries": r.get("queries"), "memory": r.get("memory"),
-                     "lists": r.get("lists"), "probes": r.get("probes"), "work_fraction": r.get("work_fraction"),
-                     "dropped_mass": r.get("dropped_mass"), "cosine_to_exact": r.get("cosine_to_exact"),
-                     "seconds": sec, "total_s": round(sum(sec.values()), 1) if sec else None})
-    return rows
+#: the distinct aggregation hops at paper scale: (name, query (space, modality), memory, extra value)
+HOPS = (
+    ("clip text -> clip image", ("clip", "text"), ("clip", "image"), None),
+    ("clap text -> clap audio", ("clap", "text"), ("clap", "audio"), None),
+    ("clap audio -> clap text (+ clip text)", ("clap", "audio"), ("clap", "text"), ("clip", "text")),
+    ("clip image -> clip text (+ clap text)", ("clip", "image"), ("clip", "text"), ("clap", "text")),
+)
+#: settings compared per hop
+SETTINGS = {"ivf cos>=0.99": {"min_cosine": 0.99}, "ivf cos>=0.999": {"min_cosine": 0.999},
+            "ivf mass<=0.01": {"max_dropped": 0.01}}
 
 
-def _ivf(args):
-    from pairfree.ivf import IVFSettings
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
-    return IVFSettings(sample=args.sample, cache_dir=str(Path(args.cache)))
 
+def stage_aggregation(args) -> dict:
+    """Per hop: the exact fused kernel and the IVF approximation at three targets, each timed on a block
+    of queries and projected to the hop's full query count (work per query is constant on average)."""
+    import numpy as np
+    import torch
 
-def stage_cmcr(args) -> dict:
-    from pairfree.memory import cached_aggregate
+    from pairfree.ivf import IVFSettings, ProbedMemory, cached_partition, choose_probes, measure, reference
+    from pairfree.memory import aggregate
     from pairfree.toy.scale import load
 
     w = load(args.world)
-    reports, t0 = {}, time.perf_counter()
-    for space, (q_mod, m_mod) in (("clip", ("text", "image")), ("clap", ("text", "audio"))):
-        sp = w["spaces"][space]
-        rep: dict = {}
-        cached_aggregate(Path(args.cache) / "cmcr", sp[q_mod], sp[m_mod], method="auto", ivf=_ivf(args), report=rep,
-                         progress=f"C-MCR {space} {q_mod}->{m_mod}")
-        reports[f"{space}: {q_mod}->{m_mod}"] = rep
-    return {"seconds": round(time.perf_counter() - t0, 1), "hops": _hops(reports)}
-
-
-def _roles(w):
-    from pairfree.extend import Roles
-
-    return Roles.of(w["spaces"]["clip"], w["spaces"]["clap"], "text", "clap")
-
-
-def stage_exmcr(args) -> dict:
-    from pairfree.extend import PASSES, cached_pass
-    from pairfree.toy.scale import load
-
-    w = load(args.world)
-    roles = _roles(w)
-    out, t_all = {}, time.perf_counter()
-    for name in PASSES:
-        reports: dict = {}
+    dev, tau = torch.device("cpu"), 0.01
+    out = {}
+    for name, (qs, qm), (ms, mm), extra in HOPS:
+        queries, keys = w["spaces"][qs][qm], w["spaces"][ms][mm]
+        values = [keys] + ([w["spaces"][extra[0]][extra[1]]] if extra else [])
+        n, m = queries.shape[0], keys.shape[0]
+        block = np.asarray(queries[: args.block], dtype=np.float32)
+        hop: dict = {"queries": n, "memory": m, "values": len(values)}
+        exact_block = block[: args.exact_block]
+        t = _timed(lambda: aggregate(exact_block, keys, values))
+        hop["exact"] = {"block": len(exact_block), "s": round(t, 1), "q_per_s": round(len(exact_block) / t, 1),
+                        "projected_s": round(n * t / len(exact_block)), "gflops": round(
+                            2 * len(exact_block) * m * 512 * (1 + len(values)) / t / 1e9, 1)}
+        base = IVFSettings(sample=args.sample, cache_dir=str(Path(args.cache)))
         t0 = time.perf_counter()
-        pool = cached_pass(Path(args.cache) / "exmcr", roles, name, method="auto", ivf=_ivf(args), reports=reports,
-                           progress=True)
-        out[name] = {"seconds": round(time.perf_counter() - t0, 1), "rows": int(pool["c"].shape[0]),
-                     "hops": _hops(reports)}
-    return {"seconds": round(time.perf_counter() - t_all, 1), "passes": out}
+        part = cached_partition(keys, base.n_lists(m), base, dev)
+        mem = ProbedMemory(keys, values, part, dev)
+        hop["lists"], hop["partition_s"] = len(part.offsets) - 1, round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        ref = reference(mem, queries, tau, base)
+        hop["reference_s"] = round(time.perf_counter() - t0, 1)
+        for label, kw in SETTINGS.items():
+            settings = IVFSettings(**{**base.__dict__, **kw})
+            t0 = time.perf_counter()
+            probes = choose_probes(ref, mem, tau, settings)
+            res = measure(ref, mem, probes, tau)
+            res["calibration_s"] = round(time.perf_counter() - t0, 1)
+            res["work_fraction"] = round(res["rows_scanned_per_query"] / m, 4)
+            if res["work_fraction"] > base.exact_above:
+                res.update({"ran": "exact", "projected_s": hop["exact"]["projected_s"]})
+            else:
+                qb = torch.from_numpy(block)
+                t = _timed(lambda: mem.aggregate(qb, probes, tau))
+                res.update({"block": len(block), "q_per_s": round(len(block) / t, 1), "projected_s": round(n * t / len(block))})
+            hop[label] = res
+            print(f"{name} | {label}: probes {probes}/{hop['lists']}, work {res['work_fraction']:.2%}, cos "
+                  f"{res['cosine_to_exact']['mean']:.5f} / p1 {res['cosine_to_exact']['p1']:.4f}, "
+                  f"projected {res['projected_s']} s", flush=True)
+        del mem
+        out[name] = hop
+    # the second hops of the leaf and base passes query the same memories as the first two hops, with
+    # aggregated texts as queries (1.8M and 1.3M of them): projected at those hops' per-query rates
+    totals = {}
+    for label in ("exact", *SETTINGS):
+        per_q = {h: out[h][label]["projected_s"] / out[h]["queries"] for h in out}
+        h1, h2, h3, h4 = (HOPS[i][0] for i in range(4))
+        cmcr = out[h1][label]["projected_s"] + out[h2][label]["projected_s"]
+        leaf = (cmcr + out[h3][label]["projected_s"] + per_q[h1] * out[h3]["queries"]
+                + out[h4][label]["projected_s"] + per_q[h2] * out[h4]["queries"])
+        totals[label] = {"cmcr_pseudo_pairs_h": round(cmcr / 3600, 2), "exmcr_leaf_h": round(leaf / 3600, 2)}
+    return {"hops": out, "projected": totals}
+
+
+def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
 def stage_train(args) -> dict:
     import torch
-    from torch.utils.flop_counter import FlopCounterMode, addmm_flop
+    from torch.utils.flop_counter import FlopCounterMode
 
     from pairfree import train
-    from pairfree.extend import PASSES, ROLES, ExMCRConfig, DecoupledProjector, cached_pass, make_step
+    from pairfree.extend import ROLES, DecoupledProjector, ExMCRConfig, make_step
     from pairfree.toy.scale import load
 
     w = load(args.world)
-    roles = _roles(w)
-    pools = [cached_pass(Path(args.cache) / "exmcr", roles, p, method="auto", ivf=_ivf(args)) for p in PASSES]
-    data = {r: train.ConcatRows([p[r] for p in pools]) for r in ROLES}
+    sp = w["spaces"]
+    # the pool of one CLAP leaf: 2.31M (overlap pass) + 1.8M (leaf) + 1.3M (base) tuples; computing the
+    # passes at this size takes hours (stage aggregation), and throughput does not depend on the values,
+    # so memory rows of the same sizes stand in for the aggregated roles (float16, memory-mapped)
+    stand_in = {"overlap": {"c": sp["clap"]["text"], "ol": sp["clap"]["text"], "ob": sp["clip"]["text"],
+                            "nb": sp["clip"]["text"]},
+                "leaf": {r: sp["clap"]["audio"] for r in ROLES},
+                "base": {r: sp["clip"]["image"] for r in ROLES}}
+    data = {r: train.ConcatRows([p[r] for p in stand_in.values()]) for r in ROLES}
     rows = len(data["c"])
     result = {"pool_rows": rows, "batch": 4096, "steps_per_epoch": -(-rows // 4096), "precisions": {}}
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -176,15 +217,15 @@ def stage_train(args) -> dict:
         batch = {r: train.batch_rows(data[r], torch.arange(4096) * (rows // 4096), torch.device("cpu")) for r in ROLES}
         gen = torch.Generator().manual_seed(0)
         # in-place addmm_ (the InfoNCE backward accumulates with it) is not in torch's table
-        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flop}) as fc:
+        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}) as fc:
             with train.autocast_context(precision, torch.device("cpu")):
                 loss, _ = step(batch, gen)
             loss.backward()
         flops = fc.get_total_flops()
         rate = gemm_rate(dtype)
         t0 = time.perf_counter()
-        history = train.run(head, data, step, cfg.loop_settings(), progress=True, max_steps=args.train_steps,
-                            desc=f"Ex-MCR train {precision}")
+        train.run(head, data, step, cfg.loop_settings(), progress=True, max_steps=args.train_steps,
+                  desc=f"Ex-MCR train {precision}")
         dt = time.perf_counter() - t0
         s_per_step = dt / args.train_steps
         achieved = flops / s_per_step / 1e9
@@ -193,8 +234,7 @@ def stage_train(args) -> dict:
             "tuples_per_s": round(4096 / s_per_step), "flops_per_step": flops, "achieved_gflops": round(achieved, 1),
             "gemm_gflops": round(rate, 1), "ratio_to_gemm": round(achieved / rate, 3),
             "epoch_minutes": round(s_per_step * result["steps_per_epoch"] / 60, 1),
-            "paper_schedule_hours": round(s_per_step * result["steps_per_epoch"] * 36 / 3600, 1),
-            "loss": history[-1].get("loss")}
+            "paper_schedule_hours": round(s_per_step * result["steps_per_epoch"] * 36 / 3600, 1)}
     return result
 
 
@@ -204,7 +244,7 @@ def run_stage(name: str, args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        result = {"world": stage_world, "cmcr": stage_cmcr, "exmcr": stage_exmcr, "train": stage_train}[name](args)
+        result = {"world": stage_world, "aggregation": stage_aggregation, "train": stage_train}[name](args)
     result.update({"stage": name, "wall_s": round(time.perf_counter() - t0, 1), **mem.summary(),
                    "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")})
     return result
@@ -212,26 +252,23 @@ def run_stage(name: str, args) -> dict:
 
 def tables(summary: dict) -> str:
     lines = []
-    hop_rows = []
-    for stage in ("cmcr", "exmcr"):
-        r = summary.get(stage)
-        if not r:
-            continue
-        groups = [("C-MCR", r["hops"])] if stage == "cmcr" else [(f"Ex-MCR {p}", v["hops"]) for p, v in r["passes"].items()]
-        for label, hops in groups:
-            for h in hops:
-                if h["method"] != "ivf":
-                    hop_rows.append(f"| {label}: {h['hop']} | {h['queries']:,} x {h['memory']:,} | {h['method']} | "
-                                    "100 % | 1 | 0 | - |")
-                    continue
-                hop_rows.append(
-                    f"| {label}: {h['hop']} | {h['queries']:,} x {h['memory']:,} | {h['probes']}/{h['lists']} | "
-                    f"{100 * h['work_fraction']:.2f} % | {h['cosine_to_exact']['mean']:.5f} / "
-                    f"{h['cosine_to_exact']['p1']:.4f} | {h['dropped_mass']['mean']:.4f} / {h['dropped_mass']['p99']:.4f} | "
-                    f"{h['total_s']} |")
-    if hop_rows:
-        lines += ["| hop | queries x memory | probes / lists | work vs exact | cos to exact mean / p1 | "
-                  "dropped mass mean / p99 | s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |", *hop_rows, ""]
+    agg = summary.get("aggregation")
+    if agg:
+        lines += ["| hop (queries x memory) | setting | probes / lists | work vs exact | cos to exact mean / p1 | "
+                  "dropped mass mean | projected hop h |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for hop, h in agg["hops"].items():
+            lines.append(f"| {hop} ({h['queries']:,} x {h['memory']:,}) | exact ({h['exact']['gflops']} GFLOP/s) | - | "
+                         f"100 % | 1 | 0 | {h['exact']['projected_s'] / 3600:.1f} |")
+            for label in SETTINGS:
+                r = h[label]
+                ran = " (runs exact)" if r.get("ran") == "exact" else ""
+                lines.append(f"| | {label}{ran} | {r['probes']} / {h['lists']} | {100 * r['work_fraction']:.1f} % | "
+                             f"{r['cosine_to_exact']['mean']:.5f} / {r['cosine_to_exact']['p1']:.4f} | "
+                             f"{r['dropped_mass']['mean']:.3f} | {r['projected_s'] / 3600:.1f} |")
+        lines += ["", "| setting | C-MCR pseudo pairs (h) | Ex-MCR, all pseudo data of one leaf (h) |", "| --- | ---: | ---: |"]
+        for label, t in agg["projected"].items():
+            lines.append(f"| {label} | {t['cmcr_pseudo_pairs_h']} | {t['exmcr_leaf_h']} |")
+        lines.append("")
     stage_rows = []
     for stage in STAGES:
         r = summary.get(stage)
@@ -257,6 +294,8 @@ def main() -> None:
     p.add_argument("--sample", type=int, default=3000,
                    help="queries with an exact reference per hop (1000 calibrate the probes, the rest check)")
     p.add_argument("--train-steps", type=int, default=150)
+    p.add_argument("--block", type=int, default=32768, help="queries timed per hop and IVF setting")
+    p.add_argument("--exact-block", type=int, default=2048, help="queries timed per hop with the exact kernel")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default=None, help="pseudo-data cache (default: next to the world)")
     p.add_argument("--out", default="runs/bench/paper_scale")

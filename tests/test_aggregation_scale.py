@@ -113,6 +113,21 @@ def test_ivf_calibration_meets_its_bound_and_reports_the_truth(rng):
     assert rep2["probes"] > rep["probes"] and (tight * exact).sum(1).mean() >= cos.mean()
 
 
+def test_ivf_runs_exact_when_the_mass_is_spread(world):
+    """On a memory whose softmax mass spreads over most lists, scanning lists would cost more than the
+    fused exact kernel: it runs exact (and says why), and `min_cosine` trades accuracy explicitly."""
+    q, k = world["q"][:600], world["k"]
+    rep = {}
+    out = aggregate(q, k, method="ivf", ivf=IVFSettings(lists=40, exact_above=0.2, sample=600), report=rep)
+    assert rep["ran"] == "exact" and "scan" in rep["why"]
+    np.testing.assert_allclose(out, aggregate_dense(q, k), atol=1e-5)
+    rep = {}
+    cheap = aggregate(q, k, method="ivf", ivf=IVFSettings(lists=40, min_cosine=0.99, exact_above=1, sample=600),
+                      report=rep)
+    cos = (cheap * aggregate_dense(q, k)).sum(1)
+    assert "ran" not in rep and rep["probes"] < 40 and cos.mean() >= 0.985
+
+
 def test_ivf_partition_and_report_are_cached(world, tmp_path):
     q, k = world["q"][:400], world["k"]
     settings = IVFSettings(lists=40, cache_dir=str(tmp_path))
@@ -150,12 +165,15 @@ def local_ray():
 def test_ray_shards_equal_the_local_path(world, local_ray, tmp_path):
     """Query shards as tasks on a local 2-CPU Ray, the memory put once: exact and ivf results equal the
     local ones (<= 1e-6), and the cached entry they write is the one the local path reads."""
-    q, k, v = world["q"], world["k"], world["v"]
+    centres = unit(np.random.default_rng(5), 50, 32)
+    q = clustered(np.random.default_rng(6), 1500, 32, centres, 0.2)
+    k = clustered(np.random.default_rng(7), 6000, 32, centres, 0.2)
+    v = world["v"]
     for kwargs in ({}, {"method": "ivf", "ivf": IVFSettings(lists=40)}):
         local = aggregate(q, k, [k, v], **kwargs)
         rep = {}
         remote = aggregate(q, k, [k, v], backend="ray", report=rep, **kwargs)
-        assert rep["backend"] == "ray" and rep["shards"] == 2
+        assert rep["backend"] == "ray" and rep["shards"] == 2 and "ran" not in rep
         for a, b in zip(local, remote):
             np.testing.assert_allclose(b, a, atol=1e-6)
     first = cached_aggregate(tmp_path, q, k, backend="ray")

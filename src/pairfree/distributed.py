@@ -89,12 +89,17 @@ def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, meth
         mem = ProbedMemory(keys, vals, part, dev)
         cal = calibrate(mem, queries, kwargs.get("tau", 0.01), settings)
         info.update({"lists": len(part.offsets) - 1, **cal})
-        keys_ref = ray.put(mem.keys.numpy())
-        vals_ref = ray.put([None if v is None else v.numpy() for v in mem.values])
-        task = ray.remote(_ivf_shard)
-        futures = [task.remote(q[a:b], keys_ref, vals_ref, part, cal["probes"], kwargs.get("tau", 0.01),
-                               settings.query_block) for a, b in zip(bounds[:-1], bounds[1:])]
-    else:
+        if cal["rows_scanned_per_query"] > settings.exact_above * m:  # as the local path: exact is faster
+            method = "exact"
+            info.update({"ran": "exact", "work_fraction": 1.0})
+        else:
+            keys_ref = ray.put(mem.keys.numpy())
+            vals_ref = ray.put([None if v is None else v.numpy() for v in mem.values])
+            task = ray.remote(_ivf_shard)
+            futures = [task.remote(q[a:b], keys_ref, vals_ref, part, cal["probes"], kwargs.get("tau", 0.01),
+                                   settings.query_block) for a, b in zip(bounds[:-1], bounds[1:])]
+        del mem
+    if method != "ivf":
         keys_np = _array(keys)
         keys_ref = ray.put(keys_np)
         val_refs = ["keys" if v is keys else ray.put(_array(v)) for v in vals]
