@@ -97,7 +97,7 @@ def stage_world(args) -> dict:
         from pairfree.fileio import write_json
         from pairfree.toy.scale import realism
 
-        info["realism"] = realism(folder)
+        info["realism"] = realism(folder, sample=1000)
         write_json(folder / "world.json", info)
     size = sum(f.stat().st_size for f in folder.rglob("*.npy"))
     return {"seconds": round(time.perf_counter() - t0, 1), "build_seconds": info.get("build_seconds"),

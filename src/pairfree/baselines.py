@@ -273,3 +273,215 @@ class RandomMap(LinearMap):
         self.W = rng.standard_normal((y.dim, x.dim)) / np.sqrt(y.dim)
         self.mu_y, self.mu_x, self.seed = np.zeros(y.dim), np.zeros(x.dim), seed
         return self
+
+
+def modality_means(*spaces: Space) -> dict[str, np.ndarray]:
+    """{"space/modality": mean row (float64)} over every modality of the spaces' (unpaired) embeddings."""
+    out = {}
+    for s in spaces:
+        for m in s.modalities:
+            a = s[m]
+            total = np.zeros(a.shape[1])
+            for start in range(0, len(a), _ROWS):
+                total += np.asarray(a[start : start + _ROWS], dtype=np.float64).sum(axis=0)
+            out[f"{s.name}/{m}"] = total / len(a)
+    return out
+
+
+class _Saved:
+    """save/load for baselines whose state is a few named arrays plus JSON parameters."""
+
+    method = "?"
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+    def save(self, path):
+        import torch
+
+        from pairfree.checkpoint import save_model
+
+        if not self.fitted:
+            raise ValueError(f"nothing to save: this {type(self).__name__} is not fitted yet")
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self._arrays().items()}
+        meta = {"method": self.method, "spaces": self.spaces, "target": self.target, "overlap": self.overlap,
+                "params": self.params}
+        return save_model(path, _Tensors(tensors), meta)
+
+    @classmethod
+    def load(cls, path):
+        from pairfree.checkpoint import CONFIG, dim_field, field, modalities_field, name_field, read_model
+
+        meta, state, folder = read_model(path, cls.method)
+        where = str(folder / CONFIG)
+        model = cls()
+        for name, info in field(meta, "spaces", dict, where).items():
+            here = f"{where}: spaces[{name!r}]"
+            name_field({"name": name}, "name", here)
+            model.spaces[name] = {"dim": dim_field(info, "dim", here), "modalities": modalities_field(info, "modalities", here)}
+        model.target, model.overlap = field(meta, "target", str, where), meta.get("overlap")
+        if len(model.spaces) != 2 or model.target not in model.spaces:
+            raise ValueError(f"{where}: field 'target' must name one of the two spaces {list(model.spaces)}")
+        model.params = dict(meta.get("params", {}))
+        try:
+            model._set_arrays({k: v.double().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()})
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{folder}: the saved arrays do not fit a {cls.__name__} ({e})") from None
+        return model
+
+    def _check_embed(self, space: str, modality: str, X) -> np.ndarray:
+        if not self.fitted:
+            raise ValueError(f"this {type(self).__name__} is not fitted yet; call .fit(x, y, overlap) first")
+        if space not in self.spaces:
+            raise ValueError(f"unknown space {space!r}; this {type(self).__name__} maps between {list(self.spaces)}")
+        info = self.spaces[space]
+        if modality not in info["modalities"]:
+            raise ValueError(f"space {space!r} has modalities {info['modalities']}, not {modality!r}")
+        return embedding_rows(X, info["dim"], f"embed({space!r}, {modality!r})", f" from {space!r}'s {modality} encoder")
+
+
+def _unit_rows(z: np.ndarray) -> np.ndarray:
+    return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+class CentredMap(_Saved):
+    """A linear map between per-modality-centred spaces (C³'s "collapse"), no pairs but the overlap.
+
+    Every modality of both spaces is centred by its own mean (estimated from its unpaired rows): the
+    modality gap is a roughly constant offset per modality, and removing it puts audio, texts and
+    images of one space around the same origin. Y's centred overlap rows are then mapped onto X's by
+    orthogonal Procrustes (`kind="procrustes"`) or ridge (`kind="ridge"`, alpha chosen as `RidgeMap`
+    does); X's modalities are only centred. `readd`: a modality of X whose mean is added back to every
+    output, so that all modalities share that modality's cone (e.g. "image" for audio -> image
+    retrieval in CLIP's coordinates); None (default) compares centred embeddings.
+    """
+
+    method = "centred"
+
+    def __init__(self) -> None:
+        self.W: np.ndarray | None = None
+        self.means: dict[str, np.ndarray] = {}
+        self.spaces: dict[str, dict] = {}
+        self.target: str | None = None
+        self.overlap: str | None = None
+        self.params: dict = {}
+
+    @property
+    def fitted(self) -> bool:
+        return self.W is not None
+
+    def fit(self, x: Space, y: Space, overlap: str, kind: str = "procrustes", readd: str | None = None,
+            alpha: float | str = "auto") -> "CentredMap":
+        if kind not in ("procrustes", "ridge"):
+            raise ValueError(f"CentredMap kind: expected 'procrustes' or 'ridge', got {kind!r}")
+        if readd is not None and readd not in x.modalities:
+            raise ValueError(f"CentredMap readd: {readd!r} is not a modality of the target space {x.name!r} "
+                             f"({list(x.modalities)})")
+        check_overlap(x, y, overlap)
+        self.W = None
+        # the overlap modality's mean is the mean of the rows the map is fitted on: W is the centred fit
+        inner = (ProcrustesMap().fit(x, y, overlap, center=True) if kind == "procrustes"
+                 else RidgeMap().fit(x, y, overlap, alpha=alpha, center=True))
+        self.means = modality_means(x, y)
+        self.W = inner.W
+        self.spaces = {s.name: {"dim": s.dim, "modalities": list(s.modalities)} for s in (x, y)}
+        self.target, self.overlap = x.name, overlap
+        self.params = {"kind": kind, "readd": readd, **({"alpha_": inner.alpha_} if kind == "ridge" else {})}
+        return self
+
+    def embed(self, space: str, modality: str, X) -> np.ndarray:
+        X = self._check_embed(space, modality, X)
+        out = np.empty((X.shape[0], self.spaces[self.target]["dim"]), dtype=np.float32)
+        mean = self.means[f"{space}/{modality}"]
+        add = self.means[f"{self.target}/{self.params['readd']}"] if self.params.get("readd") else 0.0
+        for s in range(0, X.shape[0], _ROWS):
+            z = np.asarray(X[s : s + _ROWS], dtype=np.float64) - mean
+            if space != self.target:
+                z = z @ self.W
+            out[s : s + len(z)] = _unit_rows(z + add)
+        return out
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"W": self.W, **{f"mean.{k}": v for k, v in self.means.items()}}
+
+    def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        src = next(n for n in self.spaces if n != self.target)
+        want = (self.spaces[src]["dim"], self.spaces[self.target]["dim"])
+        if arrays["W"].shape != want:
+            raise ValueError(f"W has shape {arrays['W'].shape}, expected {want}")
+        self.W = arrays["W"]
+        self.means = {k[5:]: v for k, v in arrays.items() if k.startswith("mean.")}
+        for s, info in self.spaces.items():
+            for m in info["modalities"]:
+                if self.means.get(f"{s}/{m}", np.zeros(0)).shape != (info["dim"],):
+                    raise ValueError(f"missing or misshapen mean of {s}/{m}")
+
+
+class RelativeMap(_Saved):
+    """Relative representations through the overlap (ASIF, Norelli et al. 2023; Moschella et al. 2023):
+    training-free, no pairs but the overlap.
+
+    The overlap rows are a coupled anchor set: anchor i is the same raw sample (a text) in both
+    spaces. Any embedding is described by its similarities to the anchors of its own space: keep the
+    `k` largest (ASIF's `non_zeros`), raise them to `power` (ASIF's `val_exps`; negatives clipped to
+    0), L2-normalise. Two items from different spaces are compared through these anchor-indexed
+    vectors, so audio (CLAP) and images (CLIP) meet without any map being fitted. The unified
+    space has one dimension per anchor (`anchors` rows, a seeded subset of the overlap when it is
+    larger). ASIF's defaults are k = 800, power = 8 with 1.6M anchors.
+    """
+
+    method = "relative"
+
+    def __init__(self) -> None:
+        self.anchors: dict[str, np.ndarray] = {}
+        self.spaces: dict[str, dict] = {}
+        self.target: str | None = None
+        self.overlap: str | None = None
+        self.params: dict = {}
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.anchors)
+
+    def fit(self, x: Space, y: Space, overlap: str, anchors: int = 8192, k: int = 800, power: float = 8.0,
+            seed: int = 0) -> "RelativeMap":
+        check_overlap(x, y, overlap)
+        n = x.count(overlap)
+        if not (isinstance(k, int) and k >= 1) or not power > 0:
+            raise ValueError(f"RelativeMap: k must be an integer >= 1 and power > 0, got k={k!r}, power={power!r}")
+        idx = np.arange(n) if n <= anchors else np.sort(np.random.default_rng(seed).choice(n, anchors, replace=False))
+        self.anchors = {s.name: np.asarray(s[overlap][idx], dtype=np.float32) for s in (x, y)}
+        self.spaces = {s.name: {"dim": s.dim, "modalities": list(s.modalities)} for s in (x, y)}
+        self.target, self.overlap = x.name, overlap
+        self.params = {"k": int(min(k, len(idx))), "power": float(power), "anchors": int(len(idx)), "seed": seed}
+        return self
+
+    @property
+    def dim(self) -> int:
+        return self.params["anchors"]
+
+    def embed(self, space: str, modality: str, X) -> np.ndarray:
+        X = self._check_embed(space, modality, X)
+        A = self.anchors[space]
+        k, power = self.params["k"], self.params["power"]
+        out = np.zeros((X.shape[0], A.shape[0]), dtype=np.float32)
+        for s in range(0, X.shape[0], 4096):
+            sims = np.asarray(X[s : s + 4096], dtype=np.float32) @ A.T
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < A.shape[0] else np.broadcast_to(
+                np.arange(A.shape[0]), sims.shape)
+            vals = np.maximum(np.take_along_axis(sims, top, axis=1), 0.0) ** power
+            block = out[s : s + len(sims)]
+            np.put_along_axis(block, top, vals.astype(np.float32), axis=1)
+            block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-30)
+        return out
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {f"anchors.{k}": v for k, v in self.anchors.items()}
+
+    def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self.anchors = {k[8:]: v.astype(np.float32) for k, v in arrays.items() if k.startswith("anchors.")}
+        if set(self.anchors) != set(self.spaces) or len({len(a) for a in self.anchors.values()}) != 1:
+            raise ValueError("one anchor array per space, all with the same rows, is expected")

@@ -120,14 +120,18 @@ class CMCR:
 
     def fit(self, x: Space, y: Space, overlap: str, *, run_dir: str | Path | None = None,
             cache_dir: str | Path | None = None, progress: bool = True, restart: bool = False,
-            on_start: Callable[[], None] | None = None) -> "CMCR":
+            on_start: Callable[[], None] | None = None, monitor: Callable[[Any], dict] | None = None,
+            select: str | None = None) -> "CMCR":
         """Train the two projectors.
 
         run_dir: per-epoch checkpoints, resumed if present (`restart=True` starts over). Inputs,
         device and a resumable checkpoint are all validated before `on_start()` is called and
-        before anything is written.
+        before anything is written. monitor(model) -> {score: value} runs after every epoch (e.g. a
+        `pairfree.selection.Scorer`); select: keep the epoch with the highest such score.
         """
         check_overlap(x, y, overlap)
+        if select is not None and monitor is None:
+            raise ValueError(f"select={select!r} needs a monitor (e.g. pairfree.selection.Scorer)")
         cfg = self.config
         resolve_device(cfg.device)
         mods = {s.name: other_modality(s, overlap) for s in (x, y)}
@@ -164,7 +168,8 @@ class CMCR:
         settings = cfg.loop_settings()
         t0 = time.perf_counter()
         self.history = train.run(self.heads, data, step, settings, ckpt_dir=run_dir, run_key=run_key,
-                                 desc=f"C-MCR {x.name}+{y.name}", progress=progress)
+                                 desc=f"C-MCR {x.name}+{y.name}", progress=progress,
+                                 on_epoch=None if monitor is None else lambda: monitor(self), select=select)
         self.timings["train_s"] = time.perf_counter() - t0
         self.heads.cpu().eval()
         return self

@@ -392,13 +392,16 @@ class ExMCR:
 
     def fit(self, base: Space, leaves: Mapping[str, Any], *, run_dir: str | Path | None = None,
             cache_dir: str | Path | None = None, progress: bool = True, restart: bool = False,
-            on_start: Callable[[], None] | None = None) -> "ExMCR":
+            on_start: Callable[[], None] | None = None, monitor: Mapping[str, Callable[[Any], dict]] | None = None,
+            select: str | None = None) -> "ExMCR":
         """Train one projector per leaf into the frozen base. leaves: {name: (Space, overlap)}.
 
         run_dir: per-leaf checkpoints under run_dir/<leaf>/ (resumed if present). cache_dir: the
         pseudo-data pool per pass (reused by any run with the same memories and aggregation settings).
         All leaves, the device and resumable checkpoints are validated before `on_start()` is called
         and before anything is computed or written; `restart=True` ignores earlier checkpoints.
+        monitor: {leaf: monitor(model) -> {score: value}} run after every epoch of that leaf (e.g. a
+        `pairfree.selection.Scorer` of base and leaf); select: keep each leaf's best epoch by that score.
         """
         roles = self._leaf_roles(base, leaves)
         resolve_device(self.config.device)
@@ -413,11 +416,12 @@ class ExMCR:
         self.history, self.timings, self.aggregation = {}, {}, {}
         for name, r in roles.items():
             self._fit_leaf(name, r, run_dir=None if run_dir is None else Path(run_dir) / name,
-                           cache_dir=cache_dir, progress=progress)
+                           cache_dir=cache_dir, progress=progress, monitor=(monitor or {}).get(name), select=select)
         self.heads.cpu().eval()
         return self
 
-    def _fit_leaf(self, name: str, roles: Roles, *, run_dir, cache_dir, progress: bool) -> None:
+    def _fit_leaf(self, name: str, roles: Roles, *, run_dir, cache_dir, progress: bool, monitor=None,
+                  select: str | None = None) -> None:
         cfg = self.config
         t0 = time.perf_counter()
         hops: dict = {}
@@ -431,7 +435,10 @@ class ExMCR:
         step = make_step(head, cfg)
         settings = cfg.loop_settings()
         t0 = time.perf_counter()
-        self.history[name] = train.run(head, data, step, settings, ckpt_dir=run_dir,
+        if select is not None and monitor is None:
+            raise ValueError(f"select={select!r} needs a monitor for leaf {name!r}")
+        self.history[name] = train.run(head, data, step, settings, ckpt_dir=run_dir, select=select,
+                                       on_epoch=None if monitor is None else lambda: monitor(self),
                                        run_key=self._leaf_key(name, roles), desc=f"Ex-MCR {name}->{roles.base.name}",
                                        progress=progress)
         self.timings[f"{name}/train_s"] = time.perf_counter() - t0

@@ -15,6 +15,9 @@ METHODS = {
     "ridge": "pairfree.baselines:RidgeMap",
     "procrustes": "pairfree.baselines:ProcrustesMap",
     "random": "pairfree.baselines:RandomMap",
+    "centred": "pairfree.baselines:CentredMap",
+    "relative": "pairfree.baselines:RelativeMap",
+    "textoffset": "pairfree.textonly:TextOffsetMap",
 }
 
 
@@ -80,10 +83,13 @@ def fingerprint(model: Any) -> str:
         for k, v in sorted(heads.state_dict().items()):
             h.update(k.encode())
             h.update(np.ascontiguousarray(v.detach().float().cpu().numpy()).tobytes())
-    for k in ("W", "mu_x", "mu_y"):
-        if getattr(model, k, None) is not None:
-            h.update(k.encode())
-            h.update(np.ascontiguousarray(getattr(model, k), dtype=np.float64).tobytes())
+    arrays = model._arrays() if hasattr(model, "_arrays") and getattr(model, "fitted", False) else {
+        k: getattr(model, k) for k in ("W", "mu_x", "mu_y") if getattr(model, k, None) is not None}
+    for k, v in sorted(arrays.items()):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(v, dtype=np.float64).tobytes())
+    if getattr(model, "params", None):
+        h.update(json.dumps(model.params, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 

@@ -67,6 +67,9 @@ class TrainConfig:
                                             "left out, at the 99th percentile of a calibration sample")
     aggregation_backend: str = option("local", choices=("local", "ray"), doc="run the aggregation here or as "
                                       "Ray tasks over query shards (RAY_ADDRESS, else a local Ray)")
+    pseudo_pairs: str = option("aggregate", choices=("aggregate", "retrieve"), doc="pseudo partners: the "
+                               "softmax aggregate of the memory (the papers) or its single nearest item "
+                               "(OmniBind's pseudo item pairs)")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -83,7 +86,9 @@ class TrainConfig:
         """Keyword arguments of `memory.aggregate` / `cached_aggregate` from these settings."""
         from pairfree.ivf import IVFSettings
 
-        return {"tau": self.tau1, "method": self.aggregation, "k": self.aggregation_k, "device": self.device,
+        retrieve = self.pseudo_pairs == "retrieve"  # the nearest item: exact top-1
+        return {"tau": self.tau1, "method": "topk" if retrieve else self.aggregation,
+                "k": 1 if retrieve else self.aggregation_k, "device": self.device,
                 "dtype": self.aggregation_dtype, "backend": self.aggregation_backend,
                 "ivf": IVFSettings(max_dropped=self.aggregation_max_dropped,
                                    cache_dir=None if cache_dir is None else str(cache_dir))}
@@ -260,11 +265,17 @@ def run(
     desc: str = "train",
     progress: bool = True,
     max_steps: int | None = None,
+    on_epoch: Callable[[], dict[str, float]] | None = None,
+    select: str | None = None,
 ) -> list[dict]:
     """Train `module` for settings.epochs over the rows of `data`; returns per-epoch history.
 
     `max_steps` stops after that many optimizer steps, without a checkpoint (benchmarks measure
-    throughput on a slice of a paper-scale epoch with it).
+    throughput on a slice of a paper-scale epoch with it). `on_epoch()` runs after every epoch with
+    the module in eval mode; its numbers (label-free validation scores, `pairfree.selection`) join
+    that epoch's history. `select`: one of those numbers; the weights of the epoch where it was
+    highest are restored at the end (early stopping by selection; over the epochs run in this
+    process when a run is resumed), and that epoch is marked `"selected": True`.
 
     `step(batch, generator)` returns (loss, logs). With ckpt_dir set, state is saved after every
     epoch and an existing checkpoint there (with the same run_key) is resumed.
@@ -290,7 +301,7 @@ def run(
     if ckpt is not None and ckpt.exists():
         start_epoch, history = load_training_state(ckpt, module, opt, sched, gen, run_key)
     bar = progress_bar(total, desc, progress, unit="step", initial=start_epoch * n_batches)
-    steps_done = 0
+    steps_done, best = 0, None
     for epoch in range(start_epoch, settings.epochs):
         module.train()
         t0, sums = time.perf_counter(), {}
@@ -322,8 +333,22 @@ def run(
                                    "seconds": round(time.perf_counter() - t0, 3)}]
         history.append({"epoch": epoch + 1, **{k: round(v, 6) for k, v in sums.items()},
                         "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)})
+        if on_epoch is not None:
+            module.eval()
+            with torch.no_grad():
+                history[-1].update({k: round(float(v), 6) for k, v in on_epoch().items()})
+            if select is not None:
+                if select not in history[-1]:
+                    raise ValueError(f"select={select!r} is not among the epoch's scores {sorted(history[-1])}")
+                if best is None or history[-1][select] > best[0]:
+                    best = (history[-1][select], epoch, {k: v.detach().clone() for k, v in module.state_dict().items()})
         if ckpt is not None:
             save_training_state(ckpt, module, opt, sched, gen, epoch + 1, history, run_key)
     bar.close()
+    if best is not None:
+        module.load_state_dict(best[2])
+        for h in history:
+            h.pop("selected", None)
+        history[best[1]]["selected"] = True
     module.eval()
     return history

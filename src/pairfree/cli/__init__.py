@@ -1,7 +1,7 @@
 """The `pairfree` command line. Each command group lives in a module of this package exposing `add_parser`.
 
 The library (`import pairfree`) never imports this package: it is the entry point and the home of the
-experiment drivers (`demo`, `ablate`), as open_clip keeps `open_clip_train` apart from `open_clip`.
+experiment drivers (`demo`, `ablate`, `study`, `tune`), as open_clip keeps `open_clip_train` apart from `open_clip`.
 
 Errors print one line naming the file, field and expectation and exit with status 2; `--debug`
 (anywhere on the command line, or PAIRFREE_DEBUG=1) shows the traceback instead.
@@ -18,7 +18,7 @@ import warnings
 
 # module -> it defines add_parser(subparsers) registering one or more sub-commands with set_defaults(func=...)
 COMMAND_MODULES = ("pairfree.cli.train", "pairfree.cli.encode", "pairfree.cli.search", "pairfree.cli.eval",
-                   "pairfree.cli.demo", "pairfree.cli.ablate")
+                   "pairfree.cli.demo", "pairfree.cli.ablate", "pairfree.cli.study", "pairfree.cli.tune")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -121,9 +121,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from pairfree.space import check_overlap
 
     check_overlap(spaces[0], spaces[1], args.overlap)
-    run.check_model(model.run_key(spaces[0], spaces[1], args.overlap))
-    model.fit(spaces[0], spaces[1], args.overlap, run_dir=run.checkpoints, cache_dir=args.cache_dir,
-              progress=not args.quiet, restart=args.restart, on_start=run.starter(config, _header(args, "fit")))
+    x, y, monitor = spaces[0], spaces[1], None
+    if args.select:  # hold rows out of training for the label-free score (pairfree.selection)
+        from pairfree.selection import Scorer, split_holdout
+
+        x, y, held = split_holdout(x, y, args.overlap, fraction=args.holdout, seed=config.seed)
+        monitor = Scorer(x, y, args.overlap, held)
+    run.check_model(model.run_key(x, y, args.overlap))
+    model.fit(x, y, args.overlap, run_dir=run.checkpoints, cache_dir=args.cache_dir,
+              progress=not args.quiet, restart=args.restart, on_start=run.starter(config, _header(args, "fit")),
+              monitor=monitor, select=args.select)
     last = model.history[-1] if model.history else {}
     return run.finish(model, f"epochs {len(model.history)}, final loss {last.get('loss', float('nan')):.4f}")
 
@@ -235,6 +242,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="NAME MODALITY=PATH [MODALITY=PATH ...]; give it once per space")
     p.add_argument("--overlap", required=True, help="the modality both spaces share (rows aligned)")
     _add_run_flags(p, CMCRConfig, "aggregate", "memory-aggregation cache")
+    p.add_argument("--select", choices=["overlap", "pseudo", "anchored"],
+                   help="hold out --holdout of the overlap rows and of the other modality, log that label-free "
+                        "score every epoch and keep the best epoch (pairfree.selection)")
+    p.add_argument("--holdout", type=float, default=0.05)
     p.set_defaults(func=cmd_fit)
 
     from pairfree.extend import ExMCRConfig

@@ -72,12 +72,16 @@ def _norm(w: np.ndarray) -> np.ndarray:
     return w / w.sum()
 
 
-def distributions(c: Concepts) -> dict[str, np.ndarray]:
-    """Primary-concept distribution of every corpus. Only test / train_pairs are uniform."""
+def distributions(c: Concepts, clap_like_clip: float = 0.0) -> dict[str, np.ndarray]:
+    """Primary-concept distribution of every corpus. Only test / train_pairs are uniform.
+
+    `clap_like_clip` in [0, 1] mixes CLIP's pretraining distribution into CLAP's (1: both text towers
+    learn from the same concept distribution; the world variant "similar-text")."""
     uniform = np.full(c.n, 1.0 / c.n)
     pop = c.popularity
     clip_pre = _norm(0.9 * _norm(pop**0.8) + 0.1 * uniform)
     clap_pre = _norm(pop**0.5 * c.sound**2 + 0.002 / c.n)  # sound-bearing concepts dominate
+    clap_pre = _norm((1 - clap_like_clip) * clap_pre + clap_like_clip * clip_pre)
     ulip_pre = _norm(c.shape**2 + 0.002 / c.n)  # object-like concepts dominate
     audio = _norm(pop**0.5 * c.sound**1.5 * ~c.silent)
     shape3d = _norm(c.shape * ~c.shapeless)

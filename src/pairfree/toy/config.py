@@ -62,6 +62,22 @@ COMMON: dict[str, Any] = {
     "n_templates": 8,
 }
 
+#: parameters a variant may set that are not in COMMON (absent = the default world, so adding one does
+#: not change the cache key of the existing worlds)
+EXTRA_KEYS: dict[str, Any] = {"clap_pretrain_like_clip": 0.0}
+
+#: world variants for the method comparison (docs/methods.md): one property changed at a time
+VARIANTS: dict[str, dict[str, Any]] = {
+    "base": {},
+    # the modality gap: CLIP's initial temperature (0.07) instead of 0.015 lets the towers close most of it
+    "small-gap": {"init_temperature": 0.07},
+    # the two text towers: same architecture, same width, same pretraining concept distribution
+    "similar-text": {"towers": {"clap/text": {"hidden": [192], "act": "relu"}}, "space_dim": {"clap": 64},
+                     "clap_pretrain_like_clip": 1.0},
+    # concept coverage: uniform popularity, every concept has audio and 3D
+    "even-coverage": {"zipf": 0.0, "frac_silent": 0.0, "frac_shapeless": 0.0},
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "n_concepts": 300,
@@ -114,7 +130,7 @@ class ToyWorldConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"ToyWorldConfig.preset: unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
-        unknown = set(self.overrides) - set(COMMON) - set(PRESETS[self.preset])
+        unknown = set(self.overrides) - set(COMMON) - set(PRESETS[self.preset]) - set(EXTRA_KEYS)
         if unknown:
             raise ValueError(f"ToyWorldConfig.overrides: unknown keys {sorted(unknown)}; known: {sorted(COMMON)}")
 

@@ -327,32 +327,29 @@ def realism(folder: str | Path, sample: int = 2000, seed: int = 0) -> dict[str, 
 
 
 def _neighbours(q: np.ndarray, memory, k: int, exclude: np.ndarray | None = None, tau: float = 0.01,
-                chunk: int = 131072) -> dict[str, Any]:
-    """Exact top-k of unit rows q against a (memory-mapped) array, and the softmax's effective size."""
+                chunk: int = 32768) -> dict[str, Any]:
+    """Exact top-k of unit rows q against a (memory-mapped) array, and the softmax's effective size
+    exp(entropy), accumulated online over memory chunks (entropy = log Z - E_p[logit])."""
     qt = torch.from_numpy(q)
     best_s = torch.full((len(q), 0), -math.inf)
     best_i = torch.zeros((len(q), 0), dtype=torch.long)
-    lse = torch.full((len(q),), -math.inf, dtype=torch.float64)
-    ent = torch.zeros(len(q), dtype=torch.float64)  # running Σ p·s terms for the entropy, in log space
-    scores_sum = torch.zeros(len(q), dtype=torch.float64)
-    row_max = torch.full((len(q),), -math.inf, dtype=torch.float64)
+    row_max = torch.full((len(q),), -math.inf)
+    z = torch.zeros(len(q), dtype=torch.float64)  # Σ e^(l - max)
+    zl = torch.zeros(len(q), dtype=torch.float64)  # Σ e^(l - max) · l
     for s in range(0, len(memory), chunk):
-        mb = torch.from_numpy(np.asarray(memory[s : s + chunk], dtype=np.float32))
-        sc = qt @ mb.T
+        sc = qt @ torch.from_numpy(np.asarray(memory[s : s + chunk], dtype=np.float32)).T
         if exclude is not None:  # a sample row is not its own neighbour
-            rows = np.nonzero((exclude >= s) & (exclude < s + len(mb)))[0]
+            rows = np.nonzero((exclude >= s) & (exclude < s + sc.shape[1]))[0]
             sc[torch.from_numpy(rows), torch.from_numpy(exclude[rows] - s)] = -math.inf
         cs, ci = sc.topk(min(k, sc.shape[1]), dim=1)
         best_s, pos = torch.cat([best_s, cs], 1).topk(min(k, best_s.shape[1] + cs.shape[1]), dim=1)
         best_i = torch.cat([best_i, ci + s], 1).gather(1, pos)
-        logits = (sc.double() / tau)
+        logits = sc.div_(tau)
         new_max = torch.maximum(row_max, logits.amax(1))
-        w = torch.exp(logits - new_max[:, None]).nan_to_num(0.0)
-        scale = torch.exp(row_max - new_max).nan_to_num(0.0)
-        scores_sum = scores_sum * scale + w.sum(1)
-        ent = ent * scale + (w * logits.nan_to_num(0.0, neginf=0.0)).sum(1)
+        scale = torch.exp(row_max - new_max).double()
+        w = torch.exp(logits - new_max[:, None])
+        z = z * scale + w.sum(1, dtype=torch.float64)
+        zl = zl * scale + (w * logits.nan_to_num(0.0, neginf=0.0)).sum(1, dtype=torch.float64)
         row_max = new_max
-    # entropy H = log Z - E[logit]; Z = scores_sum · e^row_max
-    log_z = torch.log(scores_sum) + row_max
-    entropy = log_z - ent / scores_sum
+    entropy = torch.log(z) + row_max.double() - zl / z
     return {"score": best_s.numpy(), "index": best_i.numpy(), "effective": float(torch.exp(entropy).mean())}

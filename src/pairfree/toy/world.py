@@ -78,7 +78,7 @@ class Renderers:
     def __init__(self, cfg: ToyWorldConfig):
         self.p, self.seed = cfg.resolved(), cfg.seed
         self.concepts = C.make_concepts(self.p, self.seed)
-        self.dists = C.distributions(self.concepts)
+        self.dists = C.distributions(self.concepts, self.p.get("clap_pretrain_like_clip", 0.0))
         self.renderers = {m: make_renderer(m, self.p, self.seed) for m in MODALITIES}
 
     def corpus(self, tag: str, dist: str, n: int, modalities: tuple[str, ...]) -> tuple[C.Items, dict[str, np.ndarray]]:
