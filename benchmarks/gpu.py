@@ -1,0 +1,189 @@
+"""The GPU checks, one script: fused kernels, aggregation (exact and IVF), a training epoch slice and
+an encoder, in fp16 on CUDA, with the same ratio tables as on CPU. Run by benchmarks/gpu.sh.
+
+    python benchmarks/gpu.py [--device cuda] [--memory 1300000] [--queries 65536] [--out runs/bench/gpu]
+
+Everything is synthetic or tiny (the machine may have no network and no datasets): a clustered
+memory shaped like the paper-scale world's (`pairfree.toy.scale.Latent`), Ex-MCR heads at batch 4096,
+and a tiny CLIP checkpoint written locally. Each part reports a ratio to the GEMM rate measured in the
+same run, or an accuracy against fp32, never a bare time alone. `--device cpu --memory 50000
+--queries 2048` runs the same code on a CPU (a dry run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev, reps: int = 3) -> float:
+    fn()
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(dev)
+    return (time.perf_counter() - t0) / reps
+
+
+def gemm_rates(dev) -> dict[str, float]:
+    out = {}
+    for name in ("float32", "float16", "bfloat16"):
+        dt = getattr(torch, name)
+        best = 0.0
+        for n, k, m in ((8192, 512, 8192), (4096, 512, 65536), (16384, 1024, 4096)):
+            a, b = torch.randn(n, k, device=dev, dtype=dt), torch.randn(m, k, device=dev, dtype=dt)
+            best = max(best, 2 * n * k * m / timed(lambda: a @ b.T, dev) / 1e9)
+        out[name] = round(best, 1)
+    return out
+
+
+def clustered(n: int, d: int, dev, seed: int, centres: torch.Tensor, gap: torch.Tensor | None = None) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.randint(0, len(centres), (n,), generator=g)
+    x = centres[idx] + 0.8 * torch.randn(n, d, generator=g) / math.sqrt(d) * 3
+    if gap is not None:
+        x = x + gap
+    return torch.nn.functional.normalize(x, dim=-1).to(dev)
+
+
+def aggregation(dev, n: int, m: int, rates: dict[str, float]) -> dict:
+    from pairfree.memory import aggregate, fused_supported
+
+    d = 512
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(20000, d, generator=g), dim=-1)
+    gap = 0.8 * torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    q, k = clustered(n, d, dev, 1, centres, gap), clustered(m, d, dev, 2, centres)
+    res = {"queries": n, "memory": m, "fused": {dt: fused_supported(str(dev), d, f"torch.{dt}")
+                                                for dt in ("float32", "float16", "bfloat16")}}
+    ref = aggregate(q[:2048], k, device=dev, dtype="float32", kernel="chunked")
+    for dt in ("float32", "float16", "bfloat16"):
+        for kernel in ("sdpa", "chunked"):
+            if kernel == "sdpa" and not res["fused"][dt] and dev.type != "cpu":
+                continue
+            t = timed(lambda: aggregate(q, k, device=dev, dtype=dt, kernel=kernel), dev, reps=1)
+            out = aggregate(q[:2048], k, device=dev, dtype=dt, kernel=kernel)
+            cos = (torch.from_numpy(out) * torch.from_numpy(ref)).sum(1)
+            gf = 4 * n * m * d / t / 1e9
+            res[f"{kernel}/{dt}"] = {"s": round(t, 2), "gflops": round(gf, 1), "ratio_to_gemm": round(gf / rates[dt], 3),
+                                     "cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
+            print(f"aggregate {kernel:8s} {dt:9s}: {gf:8.1f} GFLOP/s ({gf / rates[dt]:.2f} of GEMM), "
+                  f"cos to fp32 mean {float(cos.mean()):.6f} min {float(cos.min()):.5f}", flush=True)
+    try:
+        from pairfree.ivf import IVFSettings
+
+        for target in (0.99, 0.999):
+            rep: dict = {}
+            t0 = time.perf_counter()
+            aggregate(q, k, method="ivf", device=dev, ivf=IVFSettings(min_cosine=target, sample=1500), report=rep)
+            sync(dev)
+            rep["wall_s"] = round(time.perf_counter() - t0, 2)
+            res[f"ivf cos>={target}"] = rep
+            print(f"ivf cos>={target}: probes {rep.get('probes')}/{rep.get('lists')}, work {rep.get('work_fraction', 1):.3f}, "
+                  f"cos {rep['cosine_to_exact']['mean']:.5f}, {rep['wall_s']} s" + (" (ran exact)" if rep.get("ran") else ""),
+                  flush=True)
+    except ImportError as e:
+        res["ivf"] = f"skipped: {e}"
+        print(f"ivf skipped: {e}")
+    return res
+
+
+def training(dev, steps: int, rates: dict[str, float]) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pairfree import train
+    from pairfree.extend import ROLES, DecoupledProjector, ExMCRConfig, make_step
+
+    out = {}
+    data = {r: torch.nn.functional.normalize(torch.randn(4096 * (steps + 1), 512), dim=-1) for r in ROLES}
+    for precision in ("fp32", "fp16", "bf16"):
+        if precision == "fp16" and dev.type != "cuda":
+            continue
+        cfg = ExMCRConfig(precision=precision, epochs=1, device=str(dev))
+        head = DecoupledProjector(512, 512).to(dev)
+        step = make_step(head, cfg)
+        batch = {r: data[r][:4096].to(dev) for r in ROLES}
+        with FlopCounterMode(display=False) as fc:
+            with train.autocast_context(precision, dev):
+                loss, _ = step(batch, torch.Generator().manual_seed(0))
+            loss.backward()
+        flops = fc.get_total_flops()
+        sync(dev)
+        t0 = time.perf_counter()
+        train.run(head, data, step, cfg.loop_settings(), progress=False, max_steps=steps)
+        sync(dev)
+        s = (time.perf_counter() - t0) / steps
+        rate = rates["float32" if precision == "fp32" else "float16" if precision == "fp16" else "bfloat16"]
+        out[precision] = {"s_per_step": round(s, 4), "gflops": round(flops / s / 1e9, 1),
+                          "ratio_to_gemm": round(flops / s / 1e9 / rate, 3),
+                          "epoch_s_5.41M": round(s * math.ceil(5_410_000 / 4096), 1)}
+        print(f"train {precision}: {s:.3f} s/step, {flops / s / 1e9:.1f} GFLOP/s ({flops / s / 1e9 / rate:.2f} of GEMM), "
+              f"a 5.41M-tuple epoch {out[precision]['epoch_s_5.41M']} s", flush=True)
+    return out
+
+
+def encoder(dev, tmp: Path) -> dict:
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from pairfree.encoders.common import import_torchvision
+
+        import_torchvision()  # before transformers imports it (a CPU torch next to a CUDA torchvision)
+        from tiny_checkpoints import write_tiny_hf_clip
+
+        from pairfree.encoders.registry import load_encoder
+    except ImportError as e:
+        print(f"encoder skipped: {e}")
+        return {"skipped": str(e)}
+    (tmp / "tiny-clip").mkdir(parents=True, exist_ok=True)
+    path = write_tiny_hf_clip(tmp / "tiny-clip")
+    out = {}
+    for dt in ("float32", "float16"):
+        enc = load_encoder(f"hf-clip:{path}", device=str(dev), dtype=dt)
+        texts = [f"a photo of thing {i}" for i in range(256)]
+        t = timed(lambda: enc.encode("text", texts), dev)
+        out[dt] = {"texts_per_s": round(len(texts) / t, 1)}
+    a = load_encoder(f"hf-clip:{path}", device=str(dev), dtype="float32").encode("text", texts[:8])
+    b = load_encoder(f"hf-clip:{path}", device=str(dev), dtype="float16").encode("text", texts[:8])
+    out["fp16_cos_to_fp32_min"] = float((a * b).sum(1).min())
+    print(f"encoder (tiny hf-clip): {out}", flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--memory", type=int, default=1_300_000)
+    p.add_argument("--queries", type=int, default=65536)
+    p.add_argument("--train-steps", type=int, default=50)
+    p.add_argument("--out", default="runs/bench/gpu")
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    info = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+    print(info, flush=True)
+    rates = gemm_rates(dev)
+    print(f"GEMM GFLOP/s: {rates}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {**info, "gemm_gflops": rates, "aggregation": aggregation(dev, args.queries, args.memory, rates),
+              "training": training(dev, args.train_steps, rates), "encoder": encoder(dev, out)}
+    (out / "gpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out / 'gpu.json'}")
+
+
+if __name__ == "__main__":
+    main()
