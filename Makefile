@@ -44,6 +44,7 @@ test-slow: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/aggregate.py
+	$(BIN)/python benchmarks/fit_cost.py
 	$(BIN)/python benchmarks/encode.py
 
 clean:
