@@ -65,6 +65,8 @@ class TrainConfig:
                                     "(fp32 accumulation either way)")
     aggregation_max_dropped: float = option(0.01, gt=0, le=0.5, doc="aggregation='ivf': bound on the softmax mass "
                                             "left out, at the 99th percentile of a calibration sample")
+    aggregation_min_cosine: float | None = option(None, gt=0, le=1, doc="aggregation='ivf': instead of the mass "
+                                                  "bound, the mean cosine to exact the probes must reach (e.g. 0.999)")
     aggregation_backend: str = option("local", choices=("local", "ray"), doc="run the aggregation here or as "
                                       "Ray tasks over query shards (RAY_ADDRESS, else a local Ray)")
     pseudo_pairs: str = option("aggregate", choices=("aggregate", "retrieve"), doc="pseudo partners: the "
@@ -90,7 +92,7 @@ class TrainConfig:
         return {"tau": self.tau1, "method": "topk" if retrieve else self.aggregation,
                 "k": 1 if retrieve else self.aggregation_k, "device": self.device,
                 "dtype": self.aggregation_dtype, "backend": self.aggregation_backend,
-                "ivf": IVFSettings(max_dropped=self.aggregation_max_dropped,
+                "ivf": IVFSettings(max_dropped=self.aggregation_max_dropped, min_cosine=self.aggregation_min_cosine,
                                    cache_dir=None if cache_dir is None else str(cache_dir))}
 
 
