@@ -4,7 +4,6 @@ to the local one."""
 
 import numpy as np
 import pytest
-import torch
 
 from pairfree import memory
 from pairfree.ivf import IVFSettings

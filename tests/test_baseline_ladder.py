@@ -111,3 +111,26 @@ def test_retrieval_pseudo_pairs_are_the_nearest_memory_item(rng):
     pp = CMCR(CMCRConfig(pseudo_pairs="retrieve")).pseudo_pairs(x, y, "text", progress=False)
     nearest = x["image"][np.argmax(x["text"] @ x["image"].T, axis=1)]
     np.testing.assert_allclose(pp["v"], nearest / np.linalg.norm(nearest, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_the_ladder_is_in_the_demo_and_beside_the_ablations(request):
+    """demo and eval --toy take their methods from the one zoo, and `pairfree ablate` reports the
+    ladder's rows on the same world and tasks, equal to scoring those maps directly."""
+    from pairfree.cli import ablate, demo
+    from pairfree.cli.study import method_builders
+    from pairfree.extend import ExMCRConfig
+    from pairfree.toy import ToyWorldConfig, make_world
+    from pairfree.toy.evaluate import evaluate_unified
+
+    assert {"centred", "relative", "textoffset"} <= set(demo.METHODS)
+    world = make_world(ToyWorldConfig(seed=0, preset="small"), progress=False,
+                       cache_dir=request.config.cache.mkdir("pairfree-cache") / "toy")
+    base = ExMCRConfig(epochs=1, batch_size=1024)
+    rows = ablate.baseline_rows(world, base, lambda msg: None)
+    assert list(rows) == list(ablate.BASELINES)
+    direct = evaluate_unified(method_builders(world, {"epochs": 1, "batch_size": 1024, "seed": 0}, None)["relative"](),
+                              world, ablate.ABLATE_TASKS)
+    assert rows["relative"]["scores"] == direct
+    assert rows["relative"]["scores"]["audio_to_image"]["R@1"] > 20 * ablate.chance(world)["R@1"]
+    table = ablate.format_table({"rows": [], "baselines": rows})
+    assert "baseline   relative" in table

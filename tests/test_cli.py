@@ -35,6 +35,27 @@ def test_fit_then_embed(files, capsys):
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1, atol=1e-5)
 
 
+def test_fit_a_training_free_method(files, capsys):
+    """--method relative: the saved model embeds exactly what RelativeMap fitted in Python embeds; an
+    existing model is not replaced without --restart, and --select is refused (nothing is trained)."""
+    import pairfree as pf
+    from pairfree.baselines import RelativeMap
+
+    assert main(fit_args(files, files / "rel", "--method", "relative")) == 0
+    assert sorted(p.name for p in (files / "rel").iterdir()) == ["model"]
+    assert main(["embed", "--model", str(files / "rel"), "--space", "clap", "--modality", "audio",
+                 "--input", str(files / "A.npy"), "--output", str(files / "z.npy")]) == 0
+    x = pf.Space("clip", {"text": np.load(files / "T1.npy"), "image": np.load(files / "V.npy")})
+    y = pf.Space("clap", {"text": np.load(files / "T2.npy"), "audio": np.load(files / "A.npy")})
+    want = RelativeMap().fit(x, y, "text").embed("clap", "audio", y["audio"])
+    np.testing.assert_allclose(np.load(files / "z.npy"), want, atol=1e-6)
+    assert main(fit_args(files, files / "rel", "--method", "procrustes")) == 2
+    assert "pass --restart" in capsys.readouterr().err
+    assert main(fit_args(files, files / "rel", "--method", "procrustes", "--restart")) == 0
+    assert main(fit_args(files, files / "rel2", "--method", "relative", "--select", "anchored")) == 2
+    assert not (files / "rel2").exists()
+
+
 def test_user_errors_exit_2_with_message(files, capsys):
     np.save(files / "bad.npy", np.zeros((4, 12), np.float32))
     args = fit_args(files, files / "run")

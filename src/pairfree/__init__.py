@@ -24,6 +24,7 @@ _LAZY = {
     "search": "pairfree.search",
     "metrics": "pairfree.metrics",
     "baselines": "pairfree.baselines",
+    "RelativeMap": "pairfree.baselines",
 }
 
 

@@ -74,9 +74,28 @@ def run_ablations(world, base_config=None, *, cache_dir: str | Path | None = Non
                                 cache_dir=cache_dir, progress=False)
         out["ulip_default"] = {"scores": evaluate_unified(model, world), "seconds": round(time.perf_counter() - t0, 2)}
         say(f"default with both leaves (clap, ulip): {json.dumps(out['ulip_default']['scores'])}")
+    out["baselines"] = baseline_rows(world, base, say)
     out["seconds"] = round(time.perf_counter() - t_all, 1)
     out["chance"] = chance(world)
     return out
+
+
+#: the training-free and text-only rivals the ablation rows are read against (docs/methods.md)
+BASELINES = ("procrustes", "centred", "relative", "textoffset")
+
+
+def baseline_rows(world, base, say: Callable[[str], None]) -> dict[str, Any]:
+    """The baseline ladder on the same world and tasks (textoffset with the ablation's schedule)."""
+    from pairfree.cli.study import method_builders
+
+    builders = method_builders(world, {"epochs": base.epochs, "batch_size": base.batch_size, "seed": base.seed}, None)
+    rows = {}
+    for name in BASELINES:
+        t0 = time.perf_counter()
+        rows[name] = {"scores": evaluate_unified(builders[name](), world, ABLATE_TASKS),
+                      "seconds": round(time.perf_counter() - t0, 2)}
+        say(f"baseline {name}: audio->image R@1 {rows[name]['scores']['audio_to_image']['R@1']:.3f}")
+    return rows
 
 
 def summary(scores: dict[str, Any]) -> tuple[float, float, float, float]:
@@ -96,6 +115,10 @@ def format_table(result: dict[str, Any]) -> str:
         vals = summary(r["scores"])
         mark = " *" if r["default"] else ""
         lines.append(f"{r['group']:<10} {r['variant'] + mark:<14} " + " ".join(f"{100 * v:8.2f}" for v in vals))
+    if result.get("baselines"):
+        lines.append("")
+        for name, r in result["baselines"].items():
+            lines.append(f"{'baseline':<10} {name:<14} " + " ".join(f"{100 * v:8.2f}" for v in summary(r["scores"])))
     return "\n".join(lines)
 
 

@@ -95,7 +95,7 @@ def toy_models(preset: str, seed: int, epochs: int, batch_size: int, cache: Path
     if not (media / "world.json").is_file():
         write_media(world, media, splits=("test", "scenes"), progress=progress)
     fitted = {name: build() for name, build in _methods(world, {"seed": seed, "epochs": epochs, "batch_size": batch_size},
-                                                         progress).items()}
+                                                         user_cache_dir()).items()}
     from pairfree.extend import ExMCRConfig
 
     fitted["exmcr"] = run_exmcr(world, ExMCRConfig(seed=seed, epochs=epochs, batch_size=batch_size), progress,

@@ -108,9 +108,36 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+#: `pairfree fit --method`: the closed-form and training-free maps (docs/methods.md compares them)
+TRAINING_FREE = {"relative": "RelativeMap", "procrustes": "ProcrustesMap", "centred": "CentredMap", "ridge": "RidgeMap"}
+
+
+def _fit_training_free(args: argparse.Namespace) -> int:
+    """Nothing is trained, so there is no config, schedule or checkpoint: the model folder only."""
+    import pairfree.baselines as baselines
+    from pairfree.space import check_overlap
+
+    if args.select:
+        raise ValueError(f"--select: only --method cmcr trains epochs to choose from (got --method {args.method})")
+    run = RunFolder(args.out, args.restart)
+    spaces = [parse_space(t) for t in args.space]
+    if len(spaces) != 2:
+        raise ValueError(f"--method {args.method} connects exactly two spaces: give --space twice (got {len(spaces)})")
+    check_overlap(spaces[0], spaces[1], args.overlap)
+    if (run.out / "model").exists() and not args.restart:
+        raise ValueError(f"--out {run.out}: already holds a model ({run.out / 'model'}); choose another --out or "
+                         "pass --restart to replace it")
+    model = getattr(baselines, TRAINING_FREE[args.method])().fit(spaces[0], spaces[1], args.overlap)
+    model.save(run.out / "model")
+    print(f"saved {run.out / 'model'}  ({args.method}: {spaces[1].name} -> {spaces[0].name} through {args.overlap})")
+    return 0
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from pairfree.connect import CMCR, CMCRConfig
 
+    if args.method != "cmcr":
+        return _fit_training_free(args)
     config = resolve_config(CMCRConfig, args, args.config)
     run = RunFolder(args.out, args.restart)
     spaces = [parse_space(t) for t in args.space]
@@ -241,6 +268,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space", nargs="+", action="append", required=True, metavar="TOKEN",
                    help="NAME MODALITY=PATH [MODALITY=PATH ...]; give it once per space")
     p.add_argument("--overlap", required=True, help="the modality both spaces share (rows aligned)")
+    p.add_argument("--method", default="cmcr", choices=["cmcr", *TRAINING_FREE],
+                   help="cmcr (default), or a training-free map: relative (relative representations / ASIF, "
+                        "the strongest on the toy worlds, docs/methods.md), procrustes, centred, ridge")
     _add_run_flags(p, CMCRConfig, "aggregate", "memory-aggregation cache")
     p.add_argument("--select", choices=["overlap", "pseudo", "anchored"],
                    help="hold out --holdout of the overlap rows and of the other modality, log that label-free "
