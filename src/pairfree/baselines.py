@@ -70,6 +70,18 @@ def _ridge_solutions(yy: np.ndarray, yx: np.ndarray, alphas) -> list[np.ndarray]
     return out
 
 
+def checked_rows(model, space: str, modality: str, X) -> np.ndarray:
+    """The input check every baseline's `embed` shares: fitted, a known space and modality, valid rows."""
+    if not model.fitted:
+        raise ValueError(f"this {type(model).__name__} is not fitted yet; call .fit(x, y, overlap) first")
+    if space not in model.spaces:
+        raise ValueError(f"unknown space {space!r}; this {type(model).__name__} maps between {list(model.spaces)}")
+    info = model.spaces[space]
+    if modality not in info["modalities"]:
+        raise ValueError(f"space {space!r} has modalities {info['modalities']}, not {modality!r}")
+    return embedding_rows(X, info["dim"], f"embed({space!r}, {modality!r})", f" from {space!r}'s {modality} encoder")
+
+
 class LinearMap:
     """Shared state and `embed` of the linear baselines; subclasses set W (and the means) in `fit`."""
 
@@ -101,14 +113,7 @@ class LinearMap:
 
     def embed(self, space: str, modality: str, X) -> np.ndarray:
         """Embeddings of `modality` from pretrained space `space` in X's coordinates (unit float32 rows)."""
-        if not self.fitted:
-            raise ValueError(f"this {type(self).__name__} is not fitted yet; call .fit(x, y, overlap) first")
-        if space not in self.spaces:
-            raise ValueError(f"unknown space {space!r}; this {type(self).__name__} maps between {list(self.spaces)}")
-        info = self.spaces[space]
-        if modality not in info["modalities"]:
-            raise ValueError(f"space {space!r} has modalities {info['modalities']}, not {modality!r}")
-        X = embedding_rows(X, info["dim"], f"embed({space!r}, {modality!r})", f" from {space!r}'s {modality} encoder")
+        X = checked_rows(self, space, modality, X)
         if space == self.target:
             return np.array(X, dtype=np.float32)
         out = np.empty((X.shape[0], self.W.shape[1]), dtype=np.float32)
@@ -333,14 +338,7 @@ class _Saved:
         return model
 
     def _check_embed(self, space: str, modality: str, X) -> np.ndarray:
-        if not self.fitted:
-            raise ValueError(f"this {type(self).__name__} is not fitted yet; call .fit(x, y, overlap) first")
-        if space not in self.spaces:
-            raise ValueError(f"unknown space {space!r}; this {type(self).__name__} maps between {list(self.spaces)}")
-        info = self.spaces[space]
-        if modality not in info["modalities"]:
-            raise ValueError(f"space {space!r} has modalities {info['modalities']}, not {modality!r}")
-        return embedding_rows(X, info["dim"], f"embed({space!r}, {modality!r})", f" from {space!r}'s {modality} encoder")
+        return checked_rows(self, space, modality, X)
 
 
 def _unit_rows(z: np.ndarray) -> np.ndarray:
