@@ -171,7 +171,7 @@ def stage_aggregation(args) -> dict:
             print(f"{name} | {label}: probes {probes}/{hop['lists']}, work {res['work_fraction']:.2%}, cos "
                   f"{res['cosine_to_exact']['mean']:.5f} / p1 {res['cosine_to_exact']['p1']:.4f}, "
                   f"projected {res['projected_s']} s", flush=True)
-        del mem
+        mem = ref = None  # free the IVF copy and the reference before the next hop builds its own
         out[name] = hop
     # the second hops of the leaf and base passes query the same memories as the first two hops, with
     # aggregated texts as queries (1.8M and 1.3M of them): projected at those hops' per-query rates
