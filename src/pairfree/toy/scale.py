@@ -1,6 +1,6 @@
 """The paper-scale world: the papers' corpus sizes at d = 512, written in bounded memory.
 
-`python -m pairfree.toy scale --preset paper --out DIR` writes, as float16 `.npy` (memory-mapped by
+`python -m pairfree.toy.scale --preset paper --out DIR` writes, as float16 `.npy` (memory-mapped by
 every reader, the storage type of clip-retrieval's stores):
 
     clip/text.npy  clap/text.npy    2.31M texts, one raw text per row in both (rows aligned)
@@ -353,3 +353,21 @@ def _neighbours(q: np.ndarray, memory, k: int, exclude: np.ndarray | None = None
         row_max = new_max
     entropy = torch.log(z) + row_max.double() - zl / z
     return {"score": best_s.numpy(), "index": best_i.numpy(), "effective": float(torch.exp(entropy).mean())}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pairfree.toy.scale --preset paper --out DIR`: build (or finish) a scale world."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pairfree.toy.scale", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, help="world folder (resumed if a build there was interrupted)")
+    args = ap.parse_args(argv)
+    folder = build(args.out, ScaleWorldConfig(preset=args.preset, seed=args.seed))
+    print(json.dumps(json.loads((folder / "world.json").read_text()).get("sizes"), indent=1))
+
+
+if __name__ == "__main__":
+    main()
