@@ -52,6 +52,10 @@ def test_fit_a_training_free_method(files, capsys):
     assert main(fit_args(files, files / "rel", "--method", "procrustes")) == 2
     assert "pass --restart" in capsys.readouterr().err
     assert main(fit_args(files, files / "rel", "--method", "procrustes", "--restart")) == 0
+    # replacing a trained run leaves no config or checkpoints of the old model beside the new one
+    assert main(fit_args(files, files / "run", "--epochs", "1")) == 0
+    assert main(fit_args(files, files / "run", "--method", "relative", "--restart")) == 0
+    assert sorted(p.name for p in (files / "run").iterdir()) == ["model"]
     assert main(fit_args(files, files / "rel2", "--method", "relative", "--select", "anchored")) == 2
     assert not (files / "rel2").exists()
 

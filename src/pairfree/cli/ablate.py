@@ -85,7 +85,7 @@ BASELINES = ("procrustes", "centred", "relative", "textoffset")
 
 
 def baseline_rows(world, base, say: Callable[[str], None]) -> dict[str, Any]:
-    """The baseline ladder on the same world and tasks (textoffset with the ablation's schedule)."""
+    """The baseline ladder on the same world and tasks, built as `pairfree study` builds it."""
     from pairfree.cli.study import method_builders
 
     builders = method_builders(world, {"epochs": base.epochs, "batch_size": base.batch_size, "seed": base.seed}, None)

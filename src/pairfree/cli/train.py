@@ -124,10 +124,12 @@ def _fit_training_free(args: argparse.Namespace) -> int:
     if len(spaces) != 2:
         raise ValueError(f"--method {args.method} connects exactly two spaces: give --space twice (got {len(spaces)})")
     check_overlap(spaces[0], spaces[1], args.overlap)
-    if (run.out / "model").exists() and not args.restart:
-        raise ValueError(f"--out {run.out}: already holds a model ({run.out / 'model'}); choose another --out or "
-                         "pass --restart to replace it")
+    if run.out.is_dir() and any(run.out.iterdir()) and not args.restart:
+        raise ValueError(f"--out {run.out}: already holds a run; choose another --out or pass --restart to replace it")
     model = getattr(baselines, TRAINING_FREE[args.method])().fit(spaces[0], spaces[1], args.overlap)
+    for stale in ("config.yaml", "history.json"):  # a replaced trained run: the folder describes the new model only
+        (run.out / stale).unlink(missing_ok=True)
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
     model.save(run.out / "model")
     print(f"saved {run.out / 'model'}  ({args.method}: {spaces[1].name} -> {spaces[0].name} through {args.overlap})")
     return 0
