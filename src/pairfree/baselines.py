@@ -298,6 +298,13 @@ class _Saved:
 
     method = "?"
 
+    def __init__(self) -> None:
+        # what every saved baseline records beside its arrays (written to config.json by `save`)
+        self.spaces: dict[str, dict] = {}
+        self.target: str | None = None
+        self.overlap: str | None = None
+        self.params: dict = {}
+
     def _arrays(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
@@ -360,12 +367,9 @@ class CentredMap(_Saved):
     method = "centred"
 
     def __init__(self) -> None:
+        super().__init__()
         self.W: np.ndarray | None = None
         self.means: dict[str, np.ndarray] = {}
-        self.spaces: dict[str, dict] = {}
-        self.target: str | None = None
-        self.overlap: str | None = None
-        self.params: dict = {}
 
     @property
     def fitted(self) -> bool:
@@ -434,11 +438,8 @@ class RelativeMap(_Saved):
     method = "relative"
 
     def __init__(self) -> None:
+        super().__init__()
         self.anchors: dict[str, np.ndarray] = {}
-        self.spaces: dict[str, dict] = {}
-        self.target: str | None = None
-        self.overlap: str | None = None
-        self.params: dict = {}
 
     @property
     def fitted(self) -> bool:

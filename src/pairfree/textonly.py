@@ -40,13 +40,10 @@ class TextOffsetMap(_Saved):
     method = "textoffset"
 
     def __init__(self, config: TextOffsetConfig | None = None):
+        super().__init__()
         self.config = config or TextOffsetConfig()
         self.head: torch.nn.Module | None = None
         self.means: dict[str, np.ndarray] = {}
-        self.spaces: dict[str, dict] = {}
-        self.target: str | None = None
-        self.overlap: str | None = None
-        self.params: dict = {}
         self.history: list[dict] = []
 
     @property
