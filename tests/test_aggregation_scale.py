@@ -124,7 +124,8 @@ def test_ivf_runs_exact_when_the_mass_is_spread(world):
     cheap = aggregate(q, k, method="ivf", ivf=IVFSettings(lists=40, min_cosine=0.99, exact_above=1, sample=600),
                       report=rep)
     cos = (cheap * aggregate_dense(q, k)).sum(1)
-    assert "ran" not in rep and rep["probes"] < 40 and cos.mean() >= 0.985
+    # the target holds on the queries that did not calibrate (the margin of `_lower_bound`)
+    assert "ran" not in rep and rep["probes"] < 40 and rep["cosine_to_exact"]["mean"] >= 0.99 and cos.mean() >= 0.99
 
 
 def test_ivf_partition_and_report_are_cached(world, tmp_path):
