@@ -1,7 +1,7 @@
 """Read pickled numpy data without executing pickle code.
 
-`np.load(..., allow_pickle=True)` runs whatever callables a pickle names, so a crafted `.npy`
-file can run arbitrary code. This module reads the pickled payload with an `Unpickler` whose
+Letting numpy unpickle a `.npy` (its allow_pickle switch) runs whatever callables the pickle names,
+so a crafted file can run arbitrary code. This module reads the pickled payload with an `Unpickler` whose
 `find_class` resolves only the callables numpy's own array pickling uses; everything else
 (builtins.eval, os.system, subprocess.*, builtins.open, ...) is refused before it is resolved.
 Containers and primitives (dict, list, tuple, str, bytes, int, float, bool, None) come from
