@@ -13,6 +13,11 @@ Stages, each in its own subprocess (so each peak memory is its own):
   >= 0.99, >= 0.999, and the default dropped mass <= 0.01): probes calibrated on 1000 queries with
   an exact reference, accuracy measured on the other --sample - 1000, throughput timed on a block of
   --block queries (--exact-block for the exact kernel) and projected to the hop's query count;
+- bound: what a perfect selector would need per hop (`pairfree.ivf.oracle_rows`: the rows of largest
+  softmax weight, found for free, that reach cosine 0.99 / 0.999 to exact, on --bound-queries queries),
+  and the time all pseudo data would then take at the fp32 and bf16 GEMM rates measured in the same
+  run (selection not counted): how far IVF is from the rows that matter, and what no row-selecting
+  method can beat on this machine;
 - train: Ex-MCR training on a 5.41M-tuple pool (memory-mapped float16, gathered per batch; memory
   rows stand in for the aggregated roles) at batch 4096, fp32 and bf16 autocast, for --train-steps
   steps; FLOPs per step counted by torch's FlopCounterMode, as a ratio to the best GEMM rate of the
@@ -34,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-STAGES = ("world", "aggregation", "train")
+STAGES = ("world", "aggregation", "bound", "train")
 
 
 class PeakMemory:
@@ -173,17 +178,79 @@ def stage_aggregation(args) -> dict:
                   f"projected {res['projected_s']} s", flush=True)
         mem = ref = None  # free the IVF copy and the reference before the next hop builds its own
         out[name] = hop
-    # the second hops of the leaf and base passes query the same memories as the first two hops, with
-    # aggregated texts as queries (1.8M and 1.3M of them): projected at those hops' per-query rates
-    totals = {}
-    for label in ("exact", *SETTINGS):
-        per_q = {h: out[h][label]["projected_s"] / out[h]["queries"] for h in out}
-        h1, h2, h3, h4 = (HOPS[i][0] for i in range(4))
-        cmcr = out[h1][label]["projected_s"] + out[h2][label]["projected_s"]
-        leaf = (cmcr + out[h3][label]["projected_s"] + per_q[h1] * out[h3]["queries"]
-                + out[h4][label]["projected_s"] + per_q[h2] * out[h4]["queries"])
-        totals[label] = {"cmcr_pseudo_pairs_h": round(cmcr / 3600, 2), "exmcr_leaf_h": round(leaf / 3600, 2)}
+    queries = {h: out[h]["queries"] for h in out}
+    totals = {label: _leaf_total({h: out[h][label]["projected_s"] for h in out}, queries)
+              for label in ("exact", *SETTINGS)}
     return {"hops": out, "projected": totals}
+
+
+def _leaf_total(per_hop: dict[str, float], queries: dict[str, int]) -> dict[str, float]:
+    """C-MCR's and one Ex-MCR leaf's totals from per-hop seconds: the second hops of the leaf and base
+    passes query the first two hops' memories with 1.8M and 1.3M aggregated texts, at those hops'
+    per-query cost."""
+    h1, h2, h3, h4 = (HOPS[i][0] for i in range(4))
+    cmcr = per_hop[h1] + per_hop[h2]
+    leaf = (cmcr + per_hop[h3] + per_hop[h1] / queries[h1] * queries[h3]
+            + per_hop[h4] + per_hop[h2] / queries[h2] * queries[h4])
+    return {"cmcr_pseudo_pairs_h": round(cmcr / 3600, 2), "exmcr_leaf_h": round(leaf / 3600, 2),
+            "cmcr_pseudo_pairs_min": round(cmcr / 60, 1), "exmcr_leaf_min": round(leaf / 60, 1)}
+
+
+def _f32(a, chunk: int = 1 << 18):
+    import numpy as np
+    import torch
+
+    out = torch.empty(a.shape, dtype=torch.float32)
+    for s in range(0, a.shape[0], chunk):
+        out[s : s + chunk] = torch.from_numpy(np.asarray(a[s : s + chunk], dtype=np.float32))
+    return out
+
+
+def stage_bound(args) -> dict:
+    """Per hop, the rows a perfect selector needs (`oracle_rows`) next to the rows IVF scans for the
+    same mean cosine (from aggregation.json when that stage ran), and the time all pseudo data would
+    take if only those rows were scored, at the fp32 and bf16 GEMM rates of this run."""
+    import numpy as np
+    import torch
+
+    from pairfree.ivf import oracle_rows
+    from pairfree.toy.scale import load
+
+    w = load(args.world)
+    agg_path = Path(args.out) / "aggregation.json"
+    agg = json.loads(agg_path.read_text())["hops"] if agg_path.exists() else {}
+    rates = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
+    rng = np.random.default_rng(7)
+    out, work = {}, {t: {} for t in ("0.99", "0.999")}
+    for name, (qs, qm), (ms, mm), extra in HOPS:
+        t0 = time.perf_counter()
+        qa = w["spaces"][qs][qm]
+        keys = _f32(w["spaces"][ms][mm])
+        values = [keys] + ([_f32(w["spaces"][extra[0]][extra[1]])] if extra else [])
+        q = torch.from_numpy(np.asarray(qa[np.sort(rng.choice(qa.shape[0], args.bound_queries, replace=False))],
+                                        dtype=np.float32))
+        res = oracle_rows(q, keys, values, 0.01, targets=(0.99, 0.999), max_rows=args.bound_max_rows)
+        hop = {"queries": qa.shape[0], "memory": keys.shape[0], "values": len(values), "sample": len(q),
+               "max_rows": res["max_rows"], "seconds": 0.0}
+        flops_per_row = (2 + 2 * len(values)) * keys.shape[1]
+        for t in ("0.99", "0.999"):
+            r = res[t]
+            rows = r["mean_target"]  # None: out of reach within --bound-max-rows
+            ivf = agg.get(name, {}).get(f"ivf cos>={t}", {}).get("rows_scanned_per_query")
+            hop[t] = {"per_query_mean": round(r["per_query"]["mean"], 1), "per_query_p99": r["per_query"]["p99"],
+                      "common": r["common"], "mean_target": rows, "fraction": rows and rows / keys.shape[0],
+                      "beyond_max_rows": r["beyond_max_rows"], "ivf_rows": ivf,
+                      "ivf_over_oracle": round(ivf / rows, 1) if ivf and rows else None}
+            work[t][name] = rows and qa.shape[0] * rows * flops_per_row
+        hop["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"{name}: rows for cos 0.99 {hop['0.99']['mean_target']}, 0.999 {hop['0.999']['mean_target']} "
+              f"of {keys.shape[0]:,} ({hop['seconds']} s)", flush=True)
+        out[name] = hop
+        del keys, values
+    queries = {h: out[h]["queries"] for h in out}
+    projected = {t: {p: _leaf_total({h: f / rate / 1e9 for h, f in work[t].items()}, queries)
+                     for p, rate in rates.items()} for t in work if all(work[t].values())}
+    return {"hops": out, "gemm_gflops": {p: round(r, 1) for p, r in rates.items()}, "projected": projected}
 
 
 def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
@@ -244,7 +311,7 @@ def run_stage(name: str, args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        result = {"world": stage_world, "aggregation": stage_aggregation, "train": stage_train}[name](args)
+        result = {"world": stage_world, "aggregation": stage_aggregation, "bound": stage_bound, "train": stage_train}[name](args)
     result.update({"stage": name, "wall_s": round(time.perf_counter() - t0, 1), **mem.summary(),
                    "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")})
     return result
@@ -268,6 +335,27 @@ def tables(summary: dict) -> str:
         lines += ["", "| setting | C-MCR pseudo pairs (h) | Ex-MCR, all pseudo data of one leaf (h) |", "| --- | ---: | ---: |"]
         for label, t in agg["projected"].items():
             lines.append(f"| {label} | {t['cmcr_pseudo_pairs_h']} | {t['exmcr_leaf_h']} |")
+        lines.append("")
+    bound = summary.get("bound")
+    if bound:
+        lines += ["| hop (queries x memory) | target | rows a perfect selector needs: mean-target / per query (p99) "
+                  "/ one top-k | share of memory | IVF rows | IVF / perfect |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for hop, h in bound["hops"].items():
+            for t in ("0.99", "0.999"):
+                r = h[t]
+                first = f"| {hop if t == '0.99' else ''} | cos>={t} | "
+                if r["mean_target"] is None:
+                    lines.append(first + f"> {h['max_rows']:,} (--bound-max-rows) | | | |")
+                    continue
+                ivf = f"{r['ivf_rows']:,.0f} | {r['ivf_over_oracle']}x" if r["ivf_over_oracle"] else "- | -"
+                lines.append(first + f"{r['mean_target']:,.0f} / {r['per_query_mean']:,.0f} ({r['per_query_p99']:,.0f}) "
+                             f"/ {r['common']:,} | {100 * r['fraction']:.2f} % | {ivf} |")
+        lines += ["", "| perfect selector, scoring only its rows | C-MCR pseudo pairs (min) | Ex-MCR, one leaf (min) |",
+                  "| --- | ---: | ---: |"]
+        for t, per in bound["projected"].items():
+            for p, v in per.items():
+                lines.append(f"| cos>={t} at the {p} GEMM rate ({bound['gemm_gflops'][p]} GFLOP/s) | "
+                             f"{v['cmcr_pseudo_pairs_min']} | {v['exmcr_leaf_min']} |")
         lines.append("")
     stage_rows = []
     for stage in STAGES:
@@ -296,6 +384,8 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=150)
     p.add_argument("--block", type=int, default=32768, help="queries timed per hop and IVF setting")
     p.add_argument("--exact-block", type=int, default=2048, help="queries timed per hop with the exact kernel")
+    p.add_argument("--bound-queries", type=int, default=256, help="queries per hop for the perfect-selector bound")
+    p.add_argument("--bound-max-rows", type=int, default=65536, help="largest top-k the bound follows")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default=None, help="pseudo-data cache (default: next to the world)")
     p.add_argument("--out", default="runs/bench/paper_scale")

@@ -181,3 +181,37 @@ def test_ray_shards_equal_the_local_path(world, local_ray, tmp_path):
     again = cached_aggregate(tmp_path, q, k, report=rep)  # local, same settings: a cache hit
     assert rep.get("cached") and len(list(tmp_path.glob("agg-*.npy"))) == 1
     np.testing.assert_array_equal(first, again)
+
+
+def test_oracle_rows_match_a_direct_computation(world):
+    """The rows a perfect selector needs, against sorting every query's weights by hand; the common cut
+    and the Lagrangian allotment are feasible and no larger than what a uniform rule needs."""
+    import torch
+
+    from pairfree.ivf import oracle_rows
+
+    q, k, v = world["q"][:40], world["k"], world["v"]
+    t = torch.from_numpy
+    res = oracle_rows(t(q), t(k), [t(k), t(v)], 0.05, targets=(0.99, 0.999), max_rows=4000, block=7)
+    s = q.astype(np.float64) @ k.T.astype(np.float64) / 0.05
+    w = np.exp(s - s.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+    curves = []
+    for i in range(len(q)):
+        order = np.argsort(-w[i])[:4000]
+        cos = []
+        for val in (k, v):
+            cum = np.cumsum(w[i, order, None] * val[order].astype(np.float64), axis=0)
+            e = w[i] @ val.astype(np.float64)
+            cos.append(cum @ e / (np.linalg.norm(cum, axis=1) * np.linalg.norm(e)))
+        curves.append(np.minimum(*cos))
+    curves = np.array(curves)
+    for target in (0.99, 0.999):
+        direct = np.array([np.argmax(c >= target) + 1 if (c >= target).any() else 4001 for c in curves])
+        got = np.array(res[str(target)]["per_query"]["rows"])
+        assert np.mean(got == direct) >= 0.95 and np.all(np.abs(got - direct) <= 0.02 * direct + 1)
+        assert 1 < direct.mean() < 4000  # the target is neither trivial nor out of reach here
+        common = res[str(target)]["common"]
+        assert curves[:, common - 1].mean() >= target - 1e-6 > curves[:, common - 2].mean()
+        lagr = res[str(target)]["mean_target"]
+        assert lagr <= direct.mean() * 1.05 and lagr <= common * 1.05
