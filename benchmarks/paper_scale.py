@@ -1,6 +1,6 @@
 """Paper scale on this machine: the papers' corpus sizes, their pseudo data and their training batch.
 
-    python benchmarks/paper_scale.py [--world DIR] [--preset paper|mini] [--stages world,aggregation,train]
+    python benchmarks/paper_scale.py [--world DIR] [--preset paper|mini] [--stages world,aggregation,bound,train]
                                      [--sample 3000] [--train-steps 150] [--out runs/bench/paper_scale]
 
 Stages, each in its own subprocess (so each peak memory is its own):
@@ -16,8 +16,8 @@ Stages, each in its own subprocess (so each peak memory is its own):
 - bound: what a perfect selector would need per hop (`pairfree.ivf.oracle_rows`: the rows of largest
   softmax weight, found for free, that reach cosine 0.99 / 0.999 to exact, on --bound-queries queries),
   and the time all pseudo data would then take at the fp32 and bf16 GEMM rates measured in the same
-  run (selection not counted): how far IVF is from the rows that matter, and what no row-selecting
-  method can beat on this machine;
+  run (selection not counted): how far IVF is from the rows that matter, and a floor for any method
+  that scores a subset of the rows chosen by weight;
 - train: Ex-MCR training on a 5.41M-tuple pool (memory-mapped float16, gathered per batch; memory
   rows stand in for the aggregated roles) at batch 4096, fp32 and bf16 autocast, for --train-steps
   steps; FLOPs per step counted by torch's FlopCounterMode, as a ratio to the best GEMM rate of the
