@@ -118,6 +118,8 @@ HOPS = (
 )
 #: settings compared per hop
 SETTINGS = {"ivf cos>=0.99": {"min_cosine": 0.99}, "ivf cos>=0.999": {"min_cosine": 0.999},
+            "ivf bf16 cos>=0.99": {"min_cosine": 0.99, "dtype": "bfloat16"},
+            "ivf bf16 cos>=0.999": {"min_cosine": 0.999, "dtype": "bfloat16"},
             "ivf mass<=0.01": {"max_dropped": 0.01}}
 
 
@@ -160,23 +162,25 @@ def stage_aggregation(args) -> dict:
         ref = reference(mem, queries, tau, base)
         hop["reference_s"] = round(time.perf_counter() - t0, 1)
         for label, kw in SETTINGS.items():
+            kw = dict(kw)
+            run = mem.astype(getattr(torch, kw.pop("dtype", "float32")))
             settings = IVFSettings(**{**base.__dict__, **kw})
             t0 = time.perf_counter()
-            probes = choose_probes(ref, mem, tau, settings)
-            res = measure(ref, mem, probes, tau)
+            probes = choose_probes(ref, run, tau, settings)
+            res = measure(ref, run, probes, tau)
             res["calibration_s"] = round(time.perf_counter() - t0, 1)
             res["work_fraction"] = round(res["rows_scanned_per_query"] / m, 4)
             if res["work_fraction"] > base.exact_above:
                 res.update({"ran": "exact", "projected_s": hop["exact"]["projected_s"]})
             else:
                 qb = torch.from_numpy(block)
-                t = _timed(lambda: mem.aggregate(qb, probes, tau))
+                t = _timed(lambda: run.aggregate(qb, probes, tau))
                 res.update({"block": len(block), "q_per_s": round(len(block) / t, 1), "projected_s": round(n * t / len(block))})
             hop[label] = res
             print(f"{name} | {label}: probes {probes}/{hop['lists']}, work {res['work_fraction']:.2%}, cos "
                   f"{res['cosine_to_exact']['mean']:.5f} / p1 {res['cosine_to_exact']['p1']:.4f}, "
                   f"projected {res['projected_s']} s", flush=True)
-        mem = ref = None  # free the IVF copy and the reference before the next hop builds its own
+        mem = run = ref = None  # free the IVF copy and the reference before the next hop builds its own
         out[name] = hop
     queries = {h: out[h]["queries"] for h in out}
     totals = {label: _leaf_total({h: out[h][label]["projected_s"] for h in out}, queries)
@@ -382,7 +386,7 @@ def main() -> None:
     p.add_argument("--sample", type=int, default=3000,
                    help="queries with an exact reference per hop (1000 calibrate the probes, the rest check)")
     p.add_argument("--train-steps", type=int, default=150)
-    p.add_argument("--block", type=int, default=32768, help="queries timed per hop and IVF setting")
+    p.add_argument("--block", type=int, default=65536, help="queries timed per hop and IVF setting")
     p.add_argument("--exact-block", type=int, default=2048, help="queries timed per hop with the exact kernel")
     p.add_argument("--bound-queries", type=int, default=256, help="queries per hop for the perfect-selector bound")
     p.add_argument("--bound-max-rows", type=int, default=65536, help="largest top-k the bound follows")

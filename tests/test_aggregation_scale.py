@@ -91,6 +91,52 @@ def test_ivf_with_every_list_probed_is_exact(world):
     assert rep["dropped_mass"]["max"] < 1e-6 and rep["work_fraction"] == pytest.approx(1.0)
 
 
+def test_ivf_bf16_within_the_bf16_tolerance_and_calibrated_with_it(world):
+    """bf16 list GEMMs (the shift folded into the score GEMM, fp32 sums): with every list probed, the
+    tolerance of the exact bf16 kernels in the same harsh case, and their accuracy to 2e-5 for values
+    of another width too (whose bf16 rounding costs more: mean 0.99989 for every kernel here)."""
+    q, k, v = world["q"], world["k"], world["v"]
+    rep = {}
+    a, b = aggregate(q, k, [k, v], method="ivf", dtype="bfloat16", ivf=IVFSettings(lists=30, probes=30), report=rep)
+    fused = aggregate(q, k, [k, v], kernel="chunked", dtype="bfloat16", memory_chunk=1000)
+    for got, ref, val in ((a, fused[0], k), (b, fused[1], v)):
+        exact = aggregate_dense(q, k, val)
+        cos = (got * exact).sum(1)
+        assert abs(cos.mean() - (ref * exact).sum(1).mean()) < 2e-5 and cos.min() >= 0.995, (cos.mean(), cos.min())
+    cos = (a * aggregate_dense(q, k)).sum(1)
+    assert cos.mean() >= 0.9999 and cos.min() >= 0.998, (cos.mean(), cos.min())
+    assert rep["dtype"] == "bfloat16"
+    # calibrated in bf16: the reported cosine to exact is what bf16 delivers
+    rep = {}
+    out = aggregate(q, k, method="ivf", dtype="bfloat16", ivf=IVFSettings(lists=40, min_cosine=0.99, exact_above=1,
+                                                                          sample=600), report=rep)
+    cos = (out * aggregate_dense(q, k)).sum(1)
+    assert cos.mean() >= 0.99 and abs(cos.mean() - rep["cosine_to_exact"]["mean"]) < 3e-3
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        aggregate(q, k, method="ivf", dtype="float16", ivf=IVFSettings(lists=30, probes=30))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ivf_redoes_queries_whose_shifted_weights_overflow(world, monkeypatch, dtype):
+    """At τ = 1e-3 a row 0.09 above its query's nearest centroid score overflows exp() after the shift:
+    those queries are redone with a running max, and every query still equals the dense reference."""
+    from pairfree.ivf import ProbedMemory
+
+    q, k = world["q"][:300], world["k"]
+    redone = []
+    online = ProbedMemory._aggregate_online
+    monkeypatch.setattr(ProbedMemory, "_aggregate_online",
+                        lambda self, qq, lists, tau: redone.append(len(qq)) or online(self, qq, lists, tau))
+    out = aggregate(q, k, method="ivf", tau=1e-3, dtype=dtype, ivf=IVFSettings(lists=30, probes=30))
+    assert sum(redone) > 0  # the case is exercised
+    exact = aggregate_dense(q, k, tau=1e-3)
+    if dtype == "float32":  # as close as the exact fp32 kernels get (fp32 logits x 1000: 3.2e-5 here)
+        np.testing.assert_allclose(out, aggregate(q, k, tau=1e-3, kernel="chunked"), atol=2e-6)
+        np.testing.assert_allclose(out, exact, atol=5e-5)
+    else:
+        assert (out * exact).sum(1).mean() >= 0.999
+
+
 def test_ivf_calibration_meets_its_bound_and_reports_the_truth(rng):
     """On a clearly clustered memory (50 clusters) the calibrated probes skip most of the work, the
     dropped mass on queries it was not calibrated on stays near the bound, and the reported cosine to
@@ -163,13 +209,14 @@ def local_ray():
 
 
 def test_ray_shards_equal_the_local_path(world, local_ray, tmp_path):
-    """Query shards as tasks on a local 2-CPU Ray, the memory put once: exact and ivf results equal the
-    local ones (<= 1e-6), and the cached entry they write is the one the local path reads."""
+    """Query shards as tasks on a local 2-CPU Ray, the memory put once: exact and ivf (fp32 and bf16)
+    results equal the local ones (<= 1e-6), and the cached entry they write is the one the local path reads."""
     centres = unit(np.random.default_rng(5), 50, 32)
     q = clustered(np.random.default_rng(6), 1500, 32, centres, 0.2)
     k = clustered(np.random.default_rng(7), 6000, 32, centres, 0.2)
     v = world["v"]
-    for kwargs in ({}, {"method": "ivf", "ivf": IVFSettings(lists=40)}):
+    for kwargs in ({}, {"method": "ivf", "ivf": IVFSettings(lists=40)},
+                   {"method": "ivf", "ivf": IVFSettings(lists=40), "dtype": "bfloat16"}):
         local = aggregate(q, k, [k, v], **kwargs)
         rep = {}
         remote = aggregate(q, k, [k, v], backend="ray", report=rep, **kwargs)

@@ -50,10 +50,10 @@ def _exact_shard(queries, keys, values, kwargs):
     return aggregate(queries, keys, vals, **kwargs)
 
 
-def _ivf_shard(queries, keys_sorted, values_sorted, partition, probes, tau, query_block):
+def _ivf_shard(queries, keys_sorted, values_sorted, partition, probes, tau, query_block, dtype):
     from pairfree.ivf import ProbedMemory
 
-    mem = ProbedMemory.from_sorted(keys_sorted, values_sorted, partition, torch.device("cpu"))
+    mem = ProbedMemory.from_sorted(keys_sorted, values_sorted, partition, torch.device("cpu"), dtype)
     outs = [np.empty((len(queries), mem.width(i)), dtype=np.float32) for i in range(len(values_sorted))]
     for s in range(0, len(queries), query_block):
         q = torch.from_numpy(np.asarray(queries[s : s + query_block], dtype=np.float32))
@@ -82,11 +82,13 @@ def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, meth
     info: dict[str, Any] = {"method": method, "queries": n, "memory": m, "backend": "ray", "shards": len(bounds) - 1}
     if method == "ivf":
         from pairfree.ivf import IVFSettings, ProbedMemory, calibrate, cached_partition
+        from pairfree.memory import compute_dtype
 
         settings = ivf or IVFSettings()
         dev = torch.device("cpu")
+        dt = compute_dtype(kwargs.get("dtype", torch.float32))
         part = cached_partition(keys, settings.n_lists(m), settings, dev)
-        mem = ProbedMemory(keys, vals, part, dev)
+        mem = ProbedMemory(keys, vals, part, dev, dt)
         cal = calibrate(mem, queries, kwargs.get("tau", 0.01), settings)
         info.update({"lists": len(part.offsets) - 1, **cal})
         if cal["rows_scanned_per_query"] > settings.exact_above * m:  # as the local path: exact is faster
@@ -97,7 +99,7 @@ def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, meth
             vals_ref = ray.put([None if v is None else v.numpy() for v in mem.values])
             task = ray.remote(_ivf_shard)
             futures = [task.remote(q[a:b], keys_ref, vals_ref, part, cal["probes"], kwargs.get("tau", 0.01),
-                                   settings.query_block) for a, b in zip(bounds[:-1], bounds[1:])]
+                                   settings.query_block, dt) for a, b in zip(bounds[:-1], bounds[1:])]
         del mem
     if method != "ivf":
         keys_np = _array(keys)

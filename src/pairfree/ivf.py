@@ -31,6 +31,7 @@ statistics (running max, sum, weighted sum) are merged across lists online, as i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -66,7 +67,8 @@ class IVFSettings:
     train_per_list: int = 64  # k-means training rows per list
     iters: int = 10
     seed: int = 0
-    query_block: int = 32768  # queries per pass over the lists (memory: block x value width floats)
+    query_block: int = 65536  # queries per pass over the lists (memory: block x value width floats; larger
+    # blocks give each list more queries per GEMM)
     cache_dir: str | None = None  # where partitions are kept (not part of the result's key)
 
     def __post_init__(self) -> None:
@@ -171,29 +173,49 @@ def _sorted_rows(x, order: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(out).to(device)
 
 
-class ProbedMemory:
-    """A memory (keys and aligned values) reordered by list, ready for `aggregate`."""
+IVF_DTYPES = (torch.float32, torch.bfloat16)
+#: queries scored against one list per GEMM: large enough for the bf16 rate, small enough that the
+#: score block stays in cache
+LIST_GROUP = 2048
 
-    def __init__(self, keys, values: Sequence, part: Partition, device: torch.device):
+
+class ProbedMemory:
+    """A memory (keys and aligned values) reordered by list, ready for `aggregate`.
+
+    `dtype`: what the per-list GEMMs run in (float32, or bfloat16 with float32 sums; float16 cannot
+    hold unnormalised softmax weights). Rows stay in their storage dtype and are converted per list."""
+
+    def __init__(self, keys, values: Sequence, part: Partition, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
         self._setup(_sorted_rows(keys, part.order, device),
-                    [None if v is keys else _sorted_rows(v, part.order, device) for v in values], part, device)
+                    [None if v is keys else _sorted_rows(v, part.order, device) for v in values], part, device, dtype)
 
     @classmethod
     def from_sorted(cls, keys_sorted: np.ndarray, values_sorted: Sequence, part: Partition,
-                    device: torch.device) -> "ProbedMemory":
+                    device: torch.device, dtype: torch.dtype = torch.float32) -> "ProbedMemory":
         """From arrays already in list order (a Ray task gets them from the object store, read-only)."""
         from pairfree.memory import as_tensor
 
         mem = cls.__new__(cls)
         mem._setup(as_tensor(keys_sorted).to(device), [None if v is None else as_tensor(v).to(device)
-                                                       for v in values_sorted], part, device)
+                                                       for v in values_sorted], part, device, dtype)
         return mem
 
-    def _setup(self, keys: torch.Tensor, values: list, part: Partition, device: torch.device) -> None:
-        self.part, self.device, self.keys, self.values = part, device, keys, values
+    def _setup(self, keys: torch.Tensor, values: list, part: Partition, device: torch.device,
+               dtype: torch.dtype) -> None:
+        if dtype not in IVF_DTYPES:
+            raise ValueError(f"aggregate(method='ivf'): dtype must be float32 or bfloat16, got {dtype}; "
+                             "float16's range (max 65504) cannot hold unnormalised softmax weights")
+        self.part, self.device, self.keys, self.values, self.dtype = part, device, keys, values, dtype
         self.centroids = torch.from_numpy(part.centroids).to(device)
         self.empty = torch.from_numpy(part.sizes == 0).to(device)
         self.offsets = part.offsets.tolist()
+
+    def astype(self, dtype: torch.dtype) -> "ProbedMemory":
+        """The same rows (shared, not copied) with the GEMMs in another dtype."""
+        mem = copy.copy(self)
+        mem._setup(self.keys, self.values, self.part, self.device, dtype)
+        return mem
 
     def width(self, i: int) -> int:
         v = self.values[i]
@@ -201,38 +223,73 @@ class ProbedMemory:
 
     def value(self, i: int, a: int, b: int, kj: torch.Tensor) -> torch.Tensor:
         v = self.values[i]
-        return kj if v is None else v[a:b].float()
+        return kj if v is None else v[a:b].to(kj.dtype)
 
-    def probes_of(self, q: torch.Tensor, probes: int) -> torch.Tensor:
-        """(n, probes) nearest non-empty lists of each query, nearest first."""
+    def probes_of(self, q: torch.Tensor, probes: int):
+        """The `probes` nearest non-empty lists of each query, nearest first (topk: values, indices)."""
         s = q @ self.centroids.T
         s.masked_fill_(self.empty, -math.inf)
-        return s.topk(min(probes, int((~self.empty).sum())), dim=1).indices
+        return s.topk(min(probes, int((~self.empty).sum())), dim=1)
+
+    def _by_list(self, lists: torch.Tensor):
+        """(list, queries probing it) for every probed list, queries grouped so each list is read once."""
+        nb, p = lists.shape
+        flat = lists.reshape(-1)
+        q_of = torch.arange(nb, device=lists.device).repeat_interleave(p)[torch.argsort(flat, stable=True)]
+        start = 0
+        for j, c in enumerate(torch.bincount(flat, minlength=len(self.offsets) - 1).tolist()):
+            for g in range(start, start + c, LIST_GROUP):
+                yield j, q_of[g : min(g + LIST_GROUP, start + c)]
+            start += c
 
     def aggregate(self, q: torch.Tensor, probes: int, tau: float) -> tuple[list[torch.Tensor], int]:
-        """Unnormalised softmax averages of the probed rows for fp32 queries `q`; also the number of
-        (query, row) scores computed."""
+        """Softmax averages of the probed rows for fp32 queries `q`; also the number of (query, row)
+        scores computed.
+
+        Each query's scores are shifted by one constant known before any row is scored: its nearest
+        centroid's score. The shift then rides in the score GEMM (`addmm`, so a bfloat16 result is
+        rounded after the shift, where the rows that carry weight sit near 0), and weights and
+        sums accumulate with `index_add_`: no running max, no rescaling pass (2x the online
+        version in bf16 at paper scale). A query whose shifted weights overflow or vanish (a row
+        far above its nearest centroid's score or all rows far below it, which takes a small τ) is
+        redone with a running max."""
+        top = self.probes_of(q, probes)
+        dt = self.dtype
+        qs = (q / tau).to(dt)
+        shift = (top.values[:, :1] / tau).to(dt)
+        run_sum = torch.zeros(q.shape[0], device=q.device)
+        accs = [torch.zeros((q.shape[0], self.width(i)), device=q.device) for i in range(len(self.values))]
+        scored = 0
+        for j, qi in self._by_list(top.indices):
+            a, b = self.offsets[j], self.offsets[j + 1]
+            kj = self.keys[a:b].to(dt)
+            w = torch.addmm(shift[qi], qs[qi], kj.T, beta=-1).exp_()
+            scored += w.numel()
+            run_sum.index_add_(0, qi, w.sum(1, dtype=torch.float32))
+            for i, acc in enumerate(accs):
+                acc.index_add_(0, qi, (w @ self.value(i, a, b, kj)).float())
+        bad = ~torch.isfinite(run_sum) | (run_sum < 1e-30)
+        for acc in accs:
+            bad |= ~torch.isfinite(acc).all(1)
+        if bad.any():
+            idx = bad.nonzero()[:, 0]
+            redo = self._aggregate_online(q[idx], top.indices[idx], tau)
+            for acc, r in zip(accs, redo):
+                acc[idx] = r
+            run_sum[idx] = 1.0
+        return [acc / run_sum[:, None] for acc in accs], scored
+
+    def _aggregate_online(self, q: torch.Tensor, lists: torch.Tensor, tau: float) -> list[torch.Tensor]:
+        """Normalised softmax averages over `lists` in float32 with a running max (flash attention's
+        rescaling), for queries the shifted pass cannot hold."""
         nb = q.shape[0]
-        lists = self.probes_of(q, probes)
-        p = lists.shape[1]
-        flat = lists.reshape(-1)
-        by_list = torch.argsort(flat, stable=True)
-        q_of = torch.arange(nb, device=q.device).repeat_interleave(p)[by_list]
-        counts = torch.bincount(flat, minlength=len(self.offsets) - 1).tolist()
         run_max = torch.full((nb,), -math.inf, device=q.device)
         run_sum = torch.zeros(nb, device=q.device)
-        accs = [torch.zeros((nb, self.keys.shape[1] if v is None else v.shape[1]), device=q.device)
-                for v in self.values]
-        start, scored = 0, 0
-        for j, c in enumerate(counts):
-            if c == 0:
-                continue
-            qi = q_of[start : start + c]
-            start += c
+        accs = [torch.zeros((nb, self.width(i)), device=q.device) for i in range(len(self.values))]
+        for j, qi in self._by_list(lists):
             a, b = self.offsets[j], self.offsets[j + 1]
             kj = self.keys[a:b].float()
             s = (q[qi] @ kj.T) / tau
-            scored += s.numel()
             new = torch.maximum(run_max[qi], s.amax(1))
             keep = torch.exp(run_max[qi] - new)
             w = torch.exp(s - new[:, None])
@@ -240,7 +297,7 @@ class ProbedMemory:
             for i, acc in enumerate(accs):
                 acc[qi] = acc[qi] * keep[:, None] + w @ self.value(i, a, b, kj)
             run_max[qi] = new
-        return [acc / run_sum[:, None] for acc in accs], scored
+        return [acc / run_sum[:, None] for acc in accs]
 
 
 def _exact_reference(mem: ProbedMemory, q: torch.Tensor, tau: float, chunk: int = 65536):
@@ -310,7 +367,7 @@ def reference(mem: ProbedMemory, queries, tau: float, settings: IVFSettings) -> 
         cal, chk = np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
     else:
         cal = chk = np.arange(1)
-    order = mem.probes_of(q, len(mem.offsets) - 1).cpu().numpy()  # every non-empty list, nearest first
+    order = mem.probes_of(q, len(mem.offsets) - 1).indices.cpu().numpy()  # every non-empty list, nearest first
     captured = np.cumsum(np.take_along_axis(mass, order, axis=1), axis=1)
     return Reference(q, exact, np.clip(1.0 - captured, 0.0, 1.0), order, cal, chk)
 
@@ -441,9 +498,11 @@ def calibrate(mem: ProbedMemory, queries, tau: float, settings: IVFSettings) -> 
 
 def ivf_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list[np.ndarray],
                   settings: IVFSettings | None = None, device: torch.device | None = None,
-                  report: dict | None = None, normalize: bool = True, progress: bool | str = False) -> None:
+                  report: dict | None = None, normalize: bool = True, progress: bool | str = False,
+                  dtype: torch.dtype = torch.float32) -> None:
     """`aggregate(..., method="ivf")` into `outs` (one per value); `report` gets the partition, the
-    calibrated probes and the measured accuracy."""
+    calibrated probes and the measured accuracy. `dtype` is the GEMMs' (`ProbedMemory`): the probes
+    are calibrated with it, so the accuracy reported includes its rounding."""
     from pairfree.memory import store_rows
     from pairfree.progress import progress as progress_bar
 
@@ -452,7 +511,7 @@ def ivf_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list[np.
     n, m = queries.shape[0], keys.shape[0]
     t0 = time.perf_counter()
     part = cached_partition(keys, settings.n_lists(m), settings, dev)
-    mem = ProbedMemory(keys, values, part, dev)
+    mem = ProbedMemory(keys, values, part, dev, dtype)
     t1 = time.perf_counter()
     cal = calibrate(mem, queries, tau, settings)
     t2 = time.perf_counter()
@@ -461,7 +520,8 @@ def ivf_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list[np.
         from pairfree.memory import aggregate
 
         del mem
-        aggregate(queries, keys, list(values), tau=tau, device=dev, out=outs, normalize=normalize, progress=progress)
+        aggregate(queries, keys, list(values), tau=tau, device=dev, out=outs, normalize=normalize, progress=progress,
+                  dtype=dtype)
         if report is not None:
             report.update({"lists": len(part.offsets) - 1, **cal, "ran": "exact", "work_fraction": 1.0,
                            "why": f"the calibrated probes scan {cal['rows_scanned_per_query'] / m:.0%} of the memory "

@@ -152,7 +152,7 @@ def aggregate(
         from pairfree.ivf import ivf_aggregate
 
         ivf_aggregate(queries, keys, vals, tau=tau, settings=ivf, device=dev, report=info, outs=outs,
-                      normalize=normalize, progress=desc if progress else False)
+                      normalize=normalize, progress=desc if progress else False, dtype=dt)
     elif method == "topk":
         _run_blocks(queries, keys, vals, tau, query_chunk, dev, dt, resident_bytes, desc, progress, outs, normalize,
                     lambda q, kr, vr, qf: _topk_block(q, qf, kr, vr, m, min(k, m), tau, memory_chunk or 32768, dev, dt))
