@@ -86,14 +86,16 @@ def aggregation(dev, n: int, m: int, rates: dict[str, float]) -> dict:
     try:
         from pairfree.ivf import IVFSettings
 
-        for target in (0.99, 0.999):
+        for target, dt in ((0.99, "float32"), (0.999, "float32"), (0.999, "bfloat16")):
             rep: dict = {}
             t0 = time.perf_counter()
-            aggregate(q, k, method="ivf", device=dev, ivf=IVFSettings(min_cosine=target, sample=1500), report=rep)
+            aggregate(q, k, method="ivf", device=dev, dtype=dt, ivf=IVFSettings(min_cosine=target, sample=1500),
+                      report=rep)
             sync(dev)
             rep["wall_s"] = round(time.perf_counter() - t0, 2)
-            res[f"ivf cos>={target}"] = rep
-            print(f"ivf cos>={target}: probes {rep.get('probes')}/{rep.get('lists')}, work {rep.get('work_fraction', 1):.3f}, "
+            res[f"ivf {dt} cos>={target}"] = rep
+            print(f"ivf {dt} cos>={target}: probes {rep.get('probes')}/{rep.get('lists')}, "
+                  f"work {rep.get('work_fraction', 1):.3f}, "
                   f"cos {rep['cosine_to_exact']['mean']:.5f}, {rep['wall_s']} s" + (" (ran exact)" if rep.get("ran") else ""),
                   flush=True)
     except ImportError as e:

@@ -1,8 +1,9 @@
 """Approximate memory aggregation for large memories: an IVF partition, exact softmax over probed lists.
 
 The memory is split into lists by spherical k-means (faiss); each query scans the `probes` lists whose
-centroids are closest, and every row of those lists is scored exactly in fp32 and softmax-averaged,
-so the only error is the softmax mass of the rows it never scanned.
+centroids are closest, and every row of those lists is scored exactly (fp32, or bf16 GEMMs with fp32
+sums, `dtype=`) and softmax-averaged, so the error is the softmax mass of the rows it never scanned
+(and bf16's rounding, which the calibration sees).
 
 How many probes: calibrated per call on a sample of the queries with an exact reference. For each
 sample query the exact softmax mass of every list is measured; the smallest `probes` whose
@@ -25,8 +26,9 @@ lists scan 15-26x those rows for 0.999, and finer lists do not close the gap (RE
 
 Why not a per-query faiss search followed by a gather: faiss scans an IVF list query by query
 (about 3 GFLOP/s on 2 cores here), while the same work done list by list, one GEMM per list against
-all queries of a block that probe it, runs near the matrix-multiply rate. Per-query softmax
-statistics (running max, sum, weighted sum) are merged across lists online, as in flash attention.
+all queries of a block that probe it, runs near the matrix-multiply rate. Each query's scores are
+shifted by its nearest centroid's score inside the score GEMM, so sums and weighted sums accumulate
+across lists with no running max (queries whose shifted weights overflow are redone with one).
 """
 
 from __future__ import annotations
@@ -179,6 +181,12 @@ IVF_DTYPES = (torch.float32, torch.bfloat16)
 LIST_GROUP = 2048
 
 
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in IVF_DTYPES:
+        raise ValueError(f"aggregate(method='ivf'): dtype must be float32 or bfloat16, got {dtype}; "
+                         "float16's range (max 65504) cannot hold unnormalised softmax weights")
+
+
 class ProbedMemory:
     """A memory (keys and aligned values) reordered by list, ready for `aggregate`.
 
@@ -203,9 +211,7 @@ class ProbedMemory:
 
     def _setup(self, keys: torch.Tensor, values: list, part: Partition, device: torch.device,
                dtype: torch.dtype) -> None:
-        if dtype not in IVF_DTYPES:
-            raise ValueError(f"aggregate(method='ivf'): dtype must be float32 or bfloat16, got {dtype}; "
-                             "float16's range (max 65504) cannot hold unnormalised softmax weights")
+        _check_dtype(dtype)
         self.part, self.device, self.keys, self.values, self.dtype = part, device, keys, values, dtype
         self.centroids = torch.from_numpy(part.centroids).to(device)
         self.empty = torch.from_numpy(part.sizes == 0).to(device)
@@ -506,6 +512,7 @@ def ivf_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list[np.
     from pairfree.memory import store_rows
     from pairfree.progress import progress as progress_bar
 
+    _check_dtype(dtype)  # before the partition is built
     settings = settings or IVFSettings()
     dev = device or torch.device("cpu")
     n, m = queries.shape[0], keys.shape[0]

@@ -61,8 +61,8 @@ class TrainConfig:
     aggregation: str = option("auto", choices=AGGREGATIONS, doc="memory aggregation: exact, ivf (approximate, "
                               "calibrated), topk, or auto (exact up to 5e10 query x memory pairs, ivf above)")
     aggregation_k: int = option(256, ge=1, doc="neighbours kept by aggregation='topk'")
-    aggregation_dtype: str = option("float32", choices=COMPUTE_DTYPES, doc="compute dtype of exact aggregation "
-                                    "(fp32 accumulation either way)")
+    aggregation_dtype: str = option("float32", choices=COMPUTE_DTYPES, doc="compute dtype of the aggregation GEMMs "
+                                    "(fp32 accumulation either way; ivf takes float32 or bfloat16)")
     aggregation_max_dropped: float = option(0.01, gt=0, le=0.5, doc="aggregation='ivf': bound on the softmax mass "
                                             "left out, at the 99th percentile of a calibration sample")
     aggregation_min_cosine: float | None = option(None, gt=0, le=1, doc="aggregation='ivf': instead of the mass "
