@@ -189,6 +189,22 @@ def test_ivf_partition_and_report_are_cached(world, tmp_path):
     assert len(list(tmp_path.glob("agg-*-0.npy"))) == 2
 
 
+def test_ivf_takes_torch_tensors_of_any_float_dtype(world, tmp_path):
+    """Tensors (bfloat16 here; on a GPU, CUDA tensors) take the same path as the numpy arrays they hold:
+    the partition's training sample, the calibration sample and the query blocks come to the host."""
+    import torch
+
+    q, k, v = (torch.from_numpy(world[n][:m]).bfloat16() for n, m in (("q", 400), ("k", 6000), ("v", 6000)))
+    settings = IVFSettings(lists=40, min_cosine=0.99, exact_above=1, cache_dir=str(tmp_path))
+    rep_t, rep_n = {}, {}
+    a = cached_aggregate(tmp_path, q, k, [k, v], method="ivf", ivf=settings, report=rep_t)
+    b = aggregate(q.float().numpy(), k.float().numpy(), [k.float().numpy(), v.float().numpy()], method="ivf",
+                  ivf=IVFSettings(lists=40, min_cosine=0.99, exact_above=1), report=rep_n)
+    assert rep_t["probes"] == rep_n["probes"] < 40
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(np.asarray(x, dtype=np.float32), y, atol=1e-6)
+
+
 def test_float16_memories_give_float16_cached_results(world, tmp_path):
     q, k = world["q"][:100].astype(np.float16), world["k"].astype(np.float16)
     out = cached_aggregate(tmp_path, q, k)

@@ -46,6 +46,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from pairfree.memory import host_rows
+
 
 def faiss_available() -> bool:
     try:
@@ -119,7 +121,7 @@ def build_partition(keys, n_lists: int, settings: IVFSettings, device: torch.dev
     rng = np.random.default_rng(settings.seed)
     n_train = min(m, n_lists * settings.train_per_list)
     idx = np.sort(rng.choice(m, n_train, replace=False))
-    x = np.ascontiguousarray(np.asarray(keys[idx], dtype=np.float32))
+    x = np.ascontiguousarray(host_rows(keys, idx))
     gpu = device.type == "cuda" and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
     km = faiss.Kmeans(d, n_lists, niter=settings.iters, spherical=True, seed=settings.seed, verbose=False, gpu=gpu,
                       min_points_per_centroid=1,
@@ -128,7 +130,7 @@ def build_partition(keys, n_lists: int, settings: IVFSettings, device: torch.dev
     cent = torch.from_numpy(np.ascontiguousarray(km.centroids, dtype=np.float32)).to(device)
     assign = np.empty(m, dtype=np.int64)
     for s in range(0, m, 65536):
-        block = torch.from_numpy(np.asarray(keys[s : s + 65536], dtype=np.float32)).to(device)
+        block = torch.from_numpy(host_rows(keys, slice(s, s + 65536))).to(device)
         assign[s : s + len(block)] = (block @ cent.T).argmax(1).cpu().numpy()
     order = np.argsort(assign, kind="stable")
     counts = np.bincount(assign, minlength=n_lists)
@@ -142,10 +144,11 @@ def cached_partition(keys, n_lists: int, settings: IVFSettings, device: torch.de
     if settings.cache_dir is None:
         return build_partition(keys, n_lists, settings, device)
     from pairfree.fileio import atomic_path
+    from pairfree.memory import host_array
     from pairfree.space import fingerprint
 
     blob = json.dumps({"v": 1, "lists": n_lists, "seed": settings.seed, "train": settings.train_per_list,
-                       "iters": settings.iters, "keys": fingerprint(np.asarray(keys) if not isinstance(keys, np.ndarray) else keys)})
+                       "iters": settings.iters, "keys": fingerprint(host_array(keys))})
     path = Path(settings.cache_dir) / f"ivf-partition-{hashlib.sha256(blob.encode()).hexdigest()[:24]}.npz"
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -365,7 +368,7 @@ def reference(mem: ProbedMemory, queries, tau: float, settings: IVFSettings) -> 
     n = queries.shape[0]
     rng = np.random.default_rng(settings.seed + 1)
     idx = np.sort(rng.choice(n, min(settings.sample, n), replace=False))
-    q = torch.from_numpy(np.asarray(queries[idx], dtype=np.float32)).to(mem.device)
+    q = torch.from_numpy(host_rows(queries, idx)).to(mem.device)
     exact, mass = _exact_reference(mem, q, tau)
     if len(idx) > 1:
         perm = rng.permutation(len(idx))
@@ -539,7 +542,7 @@ def ivf_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list[np.
     bar = progress_bar(n, progress if isinstance(progress, str) else "aggregate", bool(progress), unit="q")
     scored = 0
     for s in range(0, n, settings.query_block):
-        q = torch.from_numpy(np.asarray(queries[s : s + settings.query_block], dtype=np.float32)).to(dev)
+        q = torch.from_numpy(host_rows(queries, slice(s, s + settings.query_block))).to(dev)
         res, c = mem.aggregate(q, cal["probes"], tau)
         scored += c
         store_rows(outs, s, res, normalize)

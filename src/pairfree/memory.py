@@ -52,6 +52,23 @@ def as_tensor(a) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a))
 
 
+def host_rows(x, rows) -> np.ndarray:
+    """Rows of a numpy / memory-mapped array or a torch tensor (any device, any float dtype) as float32 numpy."""
+    if isinstance(x, torch.Tensor):
+        if isinstance(rows, np.ndarray):
+            rows = torch.from_numpy(rows).to(x.device)
+        return x[rows].detach().to("cpu", torch.float32).numpy()
+    return np.asarray(x[rows], dtype=np.float32)
+
+
+def host_array(a) -> np.ndarray:
+    """A numpy array of `a` for fingerprinting: tensors come to the host (bfloat16 as float32)."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu()
+        return (a.float() if a.dtype == torch.bfloat16 else a).numpy()
+    return np.asarray(a)
+
+
 def _rows(x, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return as_tensor(x[start:stop]).to(device=device, dtype=dtype, non_blocking=True)
 
@@ -422,7 +439,7 @@ def cached_aggregate(cache_dir, queries, keys, values=None, **kwargs):
     dtype = storage_dtype(keys, *vals)
     h = hashlib.sha256(repr(sorted(settings.items())).encode())
     for a in (queries, keys, *vals):
-        h.update(fingerprint(np.asarray(a) if not isinstance(a, np.ndarray) else a).encode())
+        h.update(fingerprint(host_array(a)).encode())
     stem = f"agg-{h.hexdigest()[:24]}"
     paths = [Path(cache_dir) / f"{stem}-{i}.npy" for i in range(len(vals))]
     n, widths = queries.shape[0], [v.shape[1] for v in vals]
