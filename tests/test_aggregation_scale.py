@@ -53,6 +53,37 @@ def test_bf16_within_its_measured_tolerance(world, kernel):
     assert abs((exact * other).sum(1).mean() - cos.mean()) < 1e-5
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("tau", [0.01, 1e-3])
+def test_chunked_kernel_raises_a_shift_the_first_block_set_too_low(world, monkeypatch, dtype, tau):
+    """The memory sorted from least to most similar to the queries: every later block holds rows above
+    the shift the first block set (at τ = 1e-3 far enough to overflow exp), so queries are rescaled
+    again and again; the result still equals the dense reference (fp32: 1e-5 at τ = 0.01, and no
+    further from it than the fused kernel; bf16: the fused kernel's mean cosine to 1e-5, and its worst to 1e-3)."""
+    q = world["q"][:256]
+    k = world["k"][np.argsort(world["k"] @ q.mean(0))]
+    rescaled = []
+    real = memory._shifted_block
+
+    def spy(q_, k_, vs, shift, tot, accs):
+        before = shift.clone()
+        real(q_, k_, vs, shift, tot, accs)
+        rescaled.append(int((shift != before).sum()))
+
+    monkeypatch.setattr(memory, "CPU_SCORE_BLOCK", (64, 200))
+    monkeypatch.setattr(memory, "_shifted_block", spy)
+    out = aggregate(q, k, tau=tau, kernel="chunked", dtype=dtype)
+    assert sum(rescaled) > len(q)
+    exact = aggregate_dense(q, k, tau=tau)
+    fused = aggregate(q, k, tau=tau, kernel="sdpa", dtype=dtype)
+    if dtype == "float32":  # fp32 logits of ~1/τ carry ~1e-7/τ: the fused kernel is off by as much
+        np.testing.assert_allclose(out, exact, atol=1e-5 * 0.01 / tau)
+        assert np.abs(out - exact).max() <= 1.5 * np.abs(fused - exact).max() + 1e-6
+    else:
+        assert abs((exact * out).sum(1).mean() - (exact * fused).sum(1).mean()) < 1e-5
+        assert (exact * out).sum(1).min() >= (exact * fused).sum(1).min() - 1e-3  # bf16 at τ = 1e-3: ~0.94 both
+
 def test_topk_rescored_in_fp32(world):
     q, k = world["q"][:300], world["k"]
     exact = aggregate_dense(q, k)

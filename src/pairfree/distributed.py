@@ -63,6 +63,19 @@ def _ivf_shard(queries, keys_sorted, values_sorted, partition, probes, tau, quer
     return outs
 
 
+def shard_bounds(n: int, shards: int) -> np.ndarray:
+    """Contiguous query shards, cut at multiples of the exact kernel's query block where n allows, so
+    each query is scored in a block of the same shape as on one machine (the same result)."""
+    from pairfree.memory import CPU_SCORE_BLOCK
+
+    align = CPU_SCORE_BLOCK[0]
+    bounds = np.linspace(0, n, min(shards, n) + 1)
+    if n >= align:
+        bounds = np.round(bounds / align) * align
+        bounds[-1] = n
+    return np.unique(bounds.astype(int))
+
+
 def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, method: str = "exact",
                   normalize: bool = True, progress: bool | str = False, ivf: Any = None,
                   report: dict | None = None, out=None, **kwargs) -> np.ndarray | list[np.ndarray]:
@@ -77,7 +90,7 @@ def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, meth
     if method == "auto":
         method = choose_method(n, m)
     shards = shards or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    bounds = np.linspace(0, n, min(shards, n) + 1).astype(int)
+    bounds = shard_bounds(n, shards)
     q = _array(queries)
     info: dict[str, Any] = {"method": method, "queries": n, "memory": m, "backend": "ray", "shards": len(bounds) - 1}
     if method == "ivf":
