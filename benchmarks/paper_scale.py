@@ -1,11 +1,14 @@
 """Paper scale on this machine: the papers' corpus sizes, their pseudo data and their training batch.
 
-    python benchmarks/paper_scale.py [--world DIR] [--preset paper|mini] [--stages world,aggregation,bound,train]
+    python benchmarks/paper_scale.py [--world DIR] [--preset paper|mini] [--stages world,exact,aggregation,bound,train]
                                      [--sample 3000] [--train-steps 150] [--out runs/bench/paper_scale]
 
 Stages, each in its own subprocess (so each peak memory is its own):
 - world: the scale world (`pairfree.toy.scale`: 2.31M texts in two towers, 1.3M images in two towers,
   1.8M audio, 0.8M point clouds, d = 512, float16 memory-mapped), its build time and statistics;
+- exact: per hop, exact aggregation in fp32 (fused SDPA) and bf16 (the shifted chunked kernel) on
+  --exact-block queries: effective GFLOP/s against each dtype's GEMM rate, bf16's cosine to fp32, and
+  the projected hop and leaf times;
 - aggregation: the four distinct hops of C-MCR's pseudo pairs and of the three Ex-MCR passes of the
   CLAP leaf (CLIP text -> image and CLAP text -> audio are C-MCR's and the overlap pass's; the leaf
   and base passes' first hops carry two values; their second hops query the first two hops'
@@ -39,7 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-STAGES = ("world", "aggregation", "bound", "train")
+STAGES = ("world", "exact", "aggregation", "bound", "train")
 
 
 class PeakMemory:
@@ -188,6 +191,52 @@ def stage_aggregation(args) -> dict:
     return {"hops": out, "projected": totals}
 
 
+def stage_exact(args) -> dict:
+    """Per hop, exact aggregation in fp32 (the fused SDPA kernel, `aggregate`'s default) and in bf16
+    (the shifted chunked kernel `auto` picks for bf16 on a CPU), each timed on --exact-block queries
+    with effective GFLOP/s against the GEMM rate of its dtype measured in the same run; bf16's cosine
+    to fp32 on that block; the hop and leaf totals projected as in the aggregation stage."""
+    import numpy as np
+    import torch
+
+    from pairfree.memory import aggregate
+    from pairfree.toy.scale import load
+
+    w = load(args.world)
+    rates = {"float32": gemm_rate(torch.float32), "bfloat16": gemm_rate(torch.bfloat16)}
+    out = {}
+    for name, (qs, qm), (ms, mm), extra in HOPS:
+        queries, keys = w["spaces"][qs][qm], w["spaces"][ms][mm]
+        values = [keys] + ([w["spaces"][extra[0]][extra[1]]] if extra else [])
+        n, m = queries.shape[0], keys.shape[0]
+        block = np.asarray(queries[: args.exact_block], dtype=np.float32)
+        hop: dict = {"queries": n, "memory": m, "values": len(values)}
+        results = {}
+        for dtype in rates:
+            # the memory is converted once per run of a whole hop, so it is converted before the clock
+            t0 = time.perf_counter()
+            k_dt = _as_dtype(keys, dtype)
+            v_dt = [k_dt if v is keys else _as_dtype(v, dtype) for v in values]
+            convert_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            results[dtype] = aggregate(block, k_dt, v_dt, dtype=dtype, report=(rep := {}))
+            t = time.perf_counter() - t0
+            k_dt = v_dt = None
+            gf = 2 * len(block) * m * 512 * (1 + len(values)) / t / 1e9
+            hop[dtype] = {"kernel": rep["kernel"], "convert_memory_s": round(convert_s, 1), "block": len(block), "s": round(t, 1),
+                          "q_per_s": round(len(block) / t, 1), "projected_s": round(n * t / len(block)),
+                          "gflops": round(gf, 1), "ratio_to_gemm": round(gf / rates[dtype], 3)}
+        cos = [(a * b).sum(1) for a, b in zip(results["bfloat16"], results["float32"])]
+        hop["bfloat16"]["cos_to_fp32"] = {"mean": float(min(c.mean() for c in cos)), "min": float(min(c.min() for c in cos))}
+        print(f"{name}: fp32 {hop['float32']['gflops']} GFLOP/s ({hop['float32']['kernel']}), bf16 "
+              f"{hop['bfloat16']['gflops']} GFLOP/s ({hop['bfloat16']['kernel']}), bf16 cos to fp32 min "
+              f"{hop['bfloat16']['cos_to_fp32']['min']:.6f}", flush=True)
+        out[name] = hop
+    queries = {h: out[h]["queries"] for h in out}
+    totals = {dtype: _leaf_total({h: out[h][dtype]["projected_s"] for h in out}, queries) for dtype in rates}
+    return {"hops": out, "gemm_gflops": {d: round(r, 1) for d, r in rates.items()}, "projected": totals}
+
+
 def _leaf_total(per_hop: dict[str, float], queries: dict[str, int]) -> dict[str, float]:
     """C-MCR's and one Ex-MCR leaf's totals from per-hop seconds: the second hops of the leaf and base
     passes query the first two hops' memories with 1.8M and 1.3M aggregated texts, at those hops'
@@ -200,13 +249,15 @@ def _leaf_total(per_hop: dict[str, float], queries: dict[str, int]) -> dict[str,
             "cmcr_pseudo_pairs_min": round(cmcr / 60, 1), "exmcr_leaf_min": round(leaf / 60, 1)}
 
 
-def _f32(a, chunk: int = 1 << 18):
-    import numpy as np
+def _as_dtype(a, dtype: str, chunk: int = 1 << 18):
+    """A memory-mapped float16 array as one torch tensor of `dtype`, converted in chunks."""
     import torch
 
-    out = torch.empty(a.shape, dtype=torch.float32)
+    from pairfree.memory import as_tensor
+
+    out = torch.empty(a.shape, dtype=getattr(torch, dtype))
     for s in range(0, a.shape[0], chunk):
-        out[s : s + chunk] = torch.from_numpy(np.asarray(a[s : s + chunk], dtype=np.float32))
+        out[s : s + chunk] = as_tensor(a[s : s + chunk])
     return out
 
 
@@ -229,8 +280,8 @@ def stage_bound(args) -> dict:
     for name, (qs, qm), (ms, mm), extra in HOPS:
         t0 = time.perf_counter()
         qa = w["spaces"][qs][qm]
-        keys = _f32(w["spaces"][ms][mm])
-        values = [keys] + ([_f32(w["spaces"][extra[0]][extra[1]])] if extra else [])
+        keys = _as_dtype(w["spaces"][ms][mm], "float32")
+        values = [keys] + ([_as_dtype(w["spaces"][extra[0]][extra[1]], "float32")] if extra else [])
         q = torch.from_numpy(np.asarray(qa[np.sort(rng.choice(qa.shape[0], args.bound_queries, replace=False))],
                                         dtype=np.float32))
         res = oracle_rows(q, keys, values, 0.01, targets=(0.99, 0.999), max_rows=args.bound_max_rows)
@@ -315,7 +366,7 @@ def run_stage(name: str, args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        result = {"world": stage_world, "aggregation": stage_aggregation, "bound": stage_bound, "train": stage_train}[name](args)
+        result = {"world": stage_world, "exact": stage_exact, "aggregation": stage_aggregation, "bound": stage_bound, "train": stage_train}[name](args)
     result.update({"stage": name, "wall_s": round(time.perf_counter() - t0, 1), **mem.summary(),
                    "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")})
     return result
@@ -323,6 +374,22 @@ def run_stage(name: str, args) -> dict:
 
 def tables(summary: dict) -> str:
     lines = []
+    ex = summary.get("exact")
+    if ex:
+        lines += ["| hop (queries x memory) | dtype (kernel) | GFLOP/s | ratio to GEMM | cos to fp32 min | projected hop h |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for hop, h in ex["hops"].items():
+            title = f"{hop} ({h['queries']:,} x {h['memory']:,})"
+            for dtype in ("float32", "bfloat16"):
+                r = h[dtype]
+                cos = f"{r['cos_to_fp32']['min']:.6f}" if "cos_to_fp32" in r else "1"
+                lines.append(f"| {title if dtype == 'float32' else ''} | "
+                             f"{dtype} ({r['kernel']}) | {r['gflops']} | {r['ratio_to_gemm']} | {cos} | "
+                             f"{r['projected_s'] / 3600:.1f} |")
+        lines += ["", "| exact | C-MCR pseudo pairs (h) | Ex-MCR, all pseudo data of one leaf (h) |", "| --- | ---: | ---: |"]
+        for dtype, t in ex["projected"].items():
+            lines.append(f"| {dtype} | {t['cmcr_pseudo_pairs_h']} | {t['exmcr_leaf_h']} |")
+        lines.append("")
     agg = summary.get("aggregation")
     if agg:
         lines += ["| hop (queries x memory) | setting | probes / lists | work vs exact | cos to exact mean / p1 | "

@@ -328,7 +328,7 @@ def _exact_block(q, keys, vals, m, chunk, dev, dtype):
     A query whose weights in a block sum past e^LAZY_RESCALE has found rows well above its shift
     (this also catches overflow): its shift is raised to its best score there and its sums and
     weights rescaled (rare after the first blocks: ~0.4 per query over a 131k-row memory). On this
-    CPU that runs at 0.75-0.94 of the bf16 GEMM rate, where the online-softmax version reached
+    CPU that runs at 0.78-1.12 of the bf16 GEMM rate, where the online-softmax version reached
     0.33-0.45 (README, Performance)."""
     nq = q.shape[0]
     q_step, k_step = CPU_SCORE_BLOCK if dev.type == "cpu" else (nq, chunk)
