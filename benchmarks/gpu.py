@@ -61,29 +61,21 @@ def gemm_rates(dev) -> dict[str, float]:
 
 
 def paper_rows(corpus: str, key: str, n: int, dev) -> torch.Tensor:
-    """The first n rows of the paper-scale world's `key` array (`pairfree.toy.scale`), generated chunk by
+    """The first n rows of the paper-scale world's `key` array (`pairfree.toy.scale`), drawn chunk by
     chunk from the world's own seeded streams (the towers run on `dev`) and rounded to its float16
     storage: the same rows as `python -m pairfree.toy.scale` writes, without 9.5 GB to carry."""
-    import numpy as np
-
-    from pairfree.toy.scale import CHUNK, DIM, Latent, ScaleWorldConfig, _chunk_rng
+    from pairfree.toy.scale import CHUNK, DIM, Latent, ScaleWorldConfig
 
     cfg = ScaleWorldConfig()
+    if n > cfg.resolved_sizes()[corpus]:
+        raise ValueError(f"paper_rows: the paper-scale world has {cfg.resolved_sizes()[corpus]} {corpus} rows, asked for {n}")
     latent = Latent(cfg)
-    t = {name: w.to(dev) for name, w in latent.towers[key].items()}
     out = torch.empty((n, DIM), device=dev)
-    total = cfg.resolved_sizes()[corpus]
-    if n > total:
-        raise ValueError(f"paper_rows: the paper-scale world has {total} {corpus} rows, asked for {n}")
     for i, s in enumerate(range(0, n, CHUNK)):
-        rng = _chunk_rng(cfg.seed, corpus, i)
-        m = min(CHUNK, total - s)  # the world's chunk, drawn whole: the stream depends on its size
-        z, _ = latent.items(corpus, m, rng)
-        raw = torch.from_numpy(rng.normal(size=(m, cfg.d_raw)).astype(np.float32)).to(dev)
-        z = torch.from_numpy(z).to(dev)
-        e = torch.tanh(z @ t["w1"] + t["b1"]) @ t["w2"] + z @ t["h"] + raw @ t["r"] + t["offset"]
-        keep = min(m, n - s)
-        out[s : s + keep] = torch.nn.functional.normalize(e[:keep], dim=1).half().float()
+        z, raw, _ = latent.chunk(corpus, i)
+        keep = min(len(z), n - s)
+        e = latent.encode_tensor(key, torch.from_numpy(z[:keep]).to(dev), torch.from_numpy(raw[:keep]).to(dev))
+        out[s : s + keep] = e.half().float()
     return out
 
 
