@@ -119,6 +119,16 @@ HOPS = (
     ("clap audio -> clap text (+ clip text)", ("clap", "audio"), ("clap", "text"), ("clip", "text")),
     ("clip image -> clip text (+ clap text)", ("clip", "image"), ("clip", "text"), ("clap", "text")),
 )
+
+
+def hop_arrays(world: dict):
+    """(name, queries, keys, values) of each hop, as the world's memory-mapped arrays."""
+    sp = world["spaces"]
+    for name, (qs, qm), (ms, mm), extra in HOPS:
+        keys = sp[ms][mm]
+        yield name, sp[qs][qm], keys, [keys] + ([sp[extra[0]][extra[1]]] if extra else [])
+
+
 #: settings compared per hop
 SETTINGS = {"ivf cos>=0.99": {"min_cosine": 0.99}, "ivf cos>=0.999": {"min_cosine": 0.999},
             "ivf bf16 cos>=0.99": {"min_cosine": 0.99, "dtype": "bfloat16"},
@@ -145,9 +155,7 @@ def stage_aggregation(args) -> dict:
     w = load(args.world)
     dev, tau = torch.device("cpu"), 0.01
     out = {}
-    for name, (qs, qm), (ms, mm), extra in HOPS:
-        queries, keys = w["spaces"][qs][qm], w["spaces"][ms][mm]
-        values = [keys] + ([w["spaces"][extra[0]][extra[1]]] if extra else [])
+    for name, queries, keys, values in hop_arrays(w):
         n, m = queries.shape[0], keys.shape[0]
         block = np.asarray(queries[: args.block], dtype=np.float32)
         hop: dict = {"queries": n, "memory": m, "values": len(values)}
@@ -205,9 +213,7 @@ def stage_exact(args) -> dict:
     w = load(args.world)
     rates = {"float32": gemm_rate(torch.float32), "bfloat16": gemm_rate(torch.bfloat16)}
     out = {}
-    for name, (qs, qm), (ms, mm), extra in HOPS:
-        queries, keys = w["spaces"][qs][qm], w["spaces"][ms][mm]
-        values = [keys] + ([w["spaces"][extra[0]][extra[1]]] if extra else [])
+    for name, queries, keys, values in hop_arrays(w):
         n, m = queries.shape[0], keys.shape[0]
         block = np.asarray(queries[: args.exact_block], dtype=np.float32)
         hop: dict = {"queries": n, "memory": m, "values": len(values)}
@@ -372,6 +378,11 @@ def run_stage(name: str, args) -> dict:
     return result
 
 
+def _totals_table(first: str, projected: dict) -> list[str]:
+    return ["", f"| {first} | C-MCR pseudo pairs (h) | Ex-MCR, all pseudo data of one leaf (h) |", "| --- | ---: | ---: |",
+            *(f"| {label} | {t['cmcr_pseudo_pairs_h']} | {t['exmcr_leaf_h']} |" for label, t in projected.items()), ""]
+
+
 def tables(summary: dict) -> str:
     lines = []
     ex = summary.get("exact")
@@ -386,10 +397,7 @@ def tables(summary: dict) -> str:
                 lines.append(f"| {title if dtype == 'float32' else ''} | "
                              f"{dtype} ({r['kernel']}) | {r['gflops']} | {r['ratio_to_gemm']} | {cos} | "
                              f"{r['projected_s'] / 3600:.1f} |")
-        lines += ["", "| exact | C-MCR pseudo pairs (h) | Ex-MCR, all pseudo data of one leaf (h) |", "| --- | ---: | ---: |"]
-        for dtype, t in ex["projected"].items():
-            lines.append(f"| {dtype} | {t['cmcr_pseudo_pairs_h']} | {t['exmcr_leaf_h']} |")
-        lines.append("")
+        lines += _totals_table("exact", ex["projected"])
     agg = summary.get("aggregation")
     if agg:
         lines += ["| hop (queries x memory) | setting | probes / lists | work vs exact | cos to exact mean / p1 | "
@@ -403,10 +411,7 @@ def tables(summary: dict) -> str:
                 lines.append(f"| | {label}{ran} | {r['probes']} / {h['lists']} | {100 * r['work_fraction']:.1f} % | "
                              f"{r['cosine_to_exact']['mean']:.5f} / {r['cosine_to_exact']['p1']:.4f} | "
                              f"{r['dropped_mass']['mean']:.3f} | {r['projected_s'] / 3600:.1f} |")
-        lines += ["", "| setting | C-MCR pseudo pairs (h) | Ex-MCR, all pseudo data of one leaf (h) |", "| --- | ---: | ---: |"]
-        for label, t in agg["projected"].items():
-            lines.append(f"| {label} | {t['cmcr_pseudo_pairs_h']} | {t['exmcr_leaf_h']} |")
-        lines.append("")
+        lines += _totals_table("setting", agg["projected"])
     bound = summary.get("bound")
     if bound:
         lines += ["| hop (queries x memory) | target | rows a perfect selector needs: mean-target / per query (p99) "
