@@ -143,8 +143,9 @@ def _timed(fn) -> float:
 
 
 def stage_aggregation(args) -> dict:
-    """Per hop: the exact fused kernel and the IVF approximation at three targets, each timed on a block
-    of queries and projected to the hop's full query count (work per query is constant on average)."""
+    """Per hop: exact aggregation (the fp32 kernel `auto` picks, the float16 memory converted chunk by chunk
+    inside the clock) and the IVF approximation in each of SETTINGS, each timed on a block of queries and
+    projected to the hop's full query count (work per query is constant on average)."""
     import numpy as np
     import torch
 
