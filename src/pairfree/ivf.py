@@ -22,7 +22,8 @@ faster than scanning lists). Use `min_cosine` to trade accuracy for time explici
 How far from the best: `oracle_rows` measures the rows a perfect selector would score (the largest
 softmax weights, found for free). The aggregate's direction rests on few rows (0.01-0.02 % of the
 paper-scale memories for cosine 0.99, 0.4-0.6 % for 0.999), but they are spread over many lists:
-lists scan 15-26x those rows for 0.999, and finer lists do not close the gap (README).
+lists scan 15-26x those rows for 0.999, and neither finer lists nor one selection shared
+by a group of nearby queries (clustered attention) closes the gap (README).
 
 Why not a per-query faiss search followed by a gather: faiss scans an IVF list query by query
 (about 3 GFLOP/s on 2 cores here), while the same work done list by list, one GEMM per list against
