@@ -1,6 +1,6 @@
 """Paper scale on this machine: the papers' corpus sizes, their pseudo data and their training batch.
 
-    python benchmarks/paper_scale.py [--world DIR] [--preset paper|mini] [--stages world,exact,aggregation,bound,train]
+    python benchmarks/paper_scale.py [--world DIR] [--preset paper|mini] [--stages world,exact,aggregation,bound,groups,train]
                                      [--sample 3000] [--train-steps 150] [--out runs/bench/paper_scale]
 
 Stages, each in its own subprocess (so each peak memory is its own):
@@ -42,7 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-STAGES = ("world", "exact", "aggregation", "bound", "train")
+STAGES = ("world", "exact", "aggregation", "bound", "groups", "train")
 
 
 class PeakMemory:
@@ -315,6 +315,53 @@ def stage_bound(args) -> dict:
     return {"hops": out, "gemm_gflops": {p: round(r, 1) for p, r in rates.items()}, "projected": projected}
 
 
+def stage_groups(args) -> dict:
+    """Per hop, `IVFSettings(select="groups")` in bf16 at mean cosine >= 0.999 (`pairfree.grouped`): all
+    queries grouped (timed), `rows` calibrated on 1000 sample queries against exact and measured on the
+    rest, throughput timed on whole groups (the means' pass included) holding `--groups-share` of the
+    queries, projected to the hop's queries plus the grouping and calibration time."""
+    import numpy as np
+    import torch
+
+    from pairfree.grouped import GroupedMemory, calibrate, query_groups
+    from pairfree.ivf import IVFSettings, cached_partition
+    from pairfree.toy.scale import load
+
+    w = load(args.world)
+    dev, tau, dt = torch.device("cpu"), 0.01, torch.bfloat16
+    out = {}
+    for name, queries, keys, values in hop_arrays(w):
+        n, m = queries.shape[0], keys.shape[0]
+        settings = IVFSettings(select="groups", min_cosine=0.999, sample=args.sample, cache_dir=str(Path(args.cache)))
+        part = cached_partition(keys, settings.n_lists(m), settings, dev)
+        t0 = time.perf_counter()
+        gm = GroupedMemory(keys, values, dev, dt)
+        groups = query_groups(queries, torch.from_numpy(part.centroids), settings.group_size, dtype=dt)
+        t1 = time.perf_counter()
+        rep = calibrate(gm, queries, keys, values, groups, tau, settings, dev)
+        t2 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        timed, held = [], 0
+        for i in rng.permutation(len(groups)):
+            if held >= args.groups_share * n:
+                break
+            timed.append(groups[i])
+            held += len(groups[i])
+        t = _timed(lambda: gm.aggregate(queries, timed, rep["rows"], tau, settings.tail))
+        hop = {"queries": n, "memory": m, "values": len(values), **rep,
+               "grouping_s": round(t1 - t0, 1), "calibration_s": round(t2 - t1, 1),
+               "timed_queries": held, "q_per_s": round(held / t, 1),
+               "projected_s": round(n * t / held + (t2 - t0))}
+        print(f"{name} | groups bf16 cos>=0.999: rows {rep['rows']}, {rep['groups']} groups, cos "
+              f"{rep['cosine_to_exact']['mean']:.5f} / p1 {rep['cosine_to_exact']['p1']:.4f}, "
+              f"{hop['q_per_s']} q/s, projected {hop['projected_s']} s", flush=True)
+        out[name] = hop
+        gm = None
+    queries = {h: out[h]["queries"] for h in out}
+    return {"hops": out, "projected": {"groups bf16 cos>=0.999": _leaf_total(
+        {h: out[h]["projected_s"] for h in out}, queries)}}
+
+
 def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
@@ -373,7 +420,8 @@ def run_stage(name: str, args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        result = {"world": stage_world, "exact": stage_exact, "aggregation": stage_aggregation, "bound": stage_bound, "train": stage_train}[name](args)
+        result = {"world": stage_world, "exact": stage_exact, "aggregation": stage_aggregation, "bound": stage_bound, "groups": stage_groups,
+                  "train": stage_train}[name](args)
     result.update({"stage": name, "wall_s": round(time.perf_counter() - t0, 1), **mem.summary(),
                    "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")})
     return result
@@ -434,6 +482,17 @@ def tables(summary: dict) -> str:
                 lines.append(f"| cos>={t} at the {p} GEMM rate ({bound['gemm_gflops'][p]} GFLOP/s) | "
                              f"{v['cmcr_pseudo_pairs_min']} | {v['exmcr_leaf_min']} |")
         lines.append("")
+    grp = summary.get("groups")
+    if grp:
+        lines += ["| hop (queries x memory) | rows / groups | work vs exact | cos to exact mean / p1 / min | "
+                  "queries/s | grouping + calibration s | projected hop h |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for hop, h in grp["hops"].items():
+            c = h["cosine_to_exact"]
+            lines.append(f"| {hop} ({h['queries']:,} x {h['memory']:,}) | {h['rows']:,} / {h['groups']:,} | "
+                         f"{100 * h['rows_scanned_per_query'] / h['memory']:.1f} % | {c['mean']:.5f} / {c['p1']:.4f} / "
+                         f"{c['min']:.4f} | {h['q_per_s']:,} | {h['grouping_s']} + {h['calibration_s']} | "
+                         f"{h['projected_s'] / 3600:.2f} |")
+        lines += _totals_table("setting", grp["projected"])
     stage_rows = []
     for stage in STAGES:
         r = summary.get(stage)
@@ -463,6 +522,8 @@ def main() -> None:
     p.add_argument("--exact-block", type=int, default=2048, help="queries timed per hop with the exact kernel")
     p.add_argument("--bound-queries", type=int, default=256, help="queries per hop for the perfect-selector bound")
     p.add_argument("--bound-max-rows", type=int, default=65536, help="largest top-k the bound follows")
+    p.add_argument("--groups-share", type=float, default=0.04,
+                   help="share of a hop's queries (whole groups) timed by the groups stage")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default=None, help="pseudo-data cache (default: next to the world)")
     p.add_argument("--out", default="runs/bench/paper_scale")

@@ -98,6 +98,9 @@ def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, meth
         from pairfree.memory import compute_dtype
 
         settings = ivf or IVFSettings()
+        if settings.select != "lists":
+            raise ValueError(f"aggregate(backend='ray'): IVFSettings(select={settings.select!r}) runs locally only; "
+                             "use select='lists' on Ray")
         dev = torch.device("cpu")
         dt = compute_dtype(kwargs.get("dtype", torch.float32))
         part = cached_partition(keys, settings.n_lists(m), settings, dev)

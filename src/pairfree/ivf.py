@@ -22,8 +22,9 @@ faster than scanning lists). Use `min_cosine` to trade accuracy for time explici
 How far from the best: `oracle_rows` measures the rows a perfect selector would score (the largest
 softmax weights, found for free). The aggregate's direction rests on few rows (0.01-0.02 % of the
 paper-scale memories for cosine 0.99, 0.4-0.6 % for 0.999), but they are spread over many lists:
-lists scan 15-26x those rows for 0.999, and neither finer lists nor one selection shared
-by a group of nearby queries (clustered attention) closes the gap (README).
+lists scan 15-26x those rows for 0.999, and finer lists do not close the gap (README).
+`select="groups"` (`pairfree.grouped`) shares one row-level selection per group of nearby queries
+instead, which scans several times fewer rows for the same cosine.
 
 Why not a per-query faiss search followed by a gather: faiss scans an IVF list query by query
 (about 3 GFLOP/s on 2 cores here), while the same work done list by list, one GEMM per list against
@@ -48,6 +49,9 @@ import numpy as np
 import torch
 
 from pairfree.memory import host_rows
+
+
+SELECTS = ("lists", "groups")
 
 
 def faiss_available() -> bool:
@@ -75,6 +79,13 @@ class IVFSettings:
     query_block: int = 65536  # queries per pass over the lists (memory: block x value width floats; larger
     # blocks give each list more queries per GEMM)
     cache_dir: str | None = None  # where partitions are kept (not part of the result's key)
+    # select="groups": instead of scanning lists per query, each group of nearby queries (about
+    # `group_size`) shares the `rows` rows its mean scores highest, plus its mean's softmax tail
+    # (`pairfree.grouped`); `rows` is calibrated to `min_cosine` unless set
+    select: str = "lists"
+    group_size: int = 512
+    rows: int | None = None
+    tail: bool = True
 
     def __post_init__(self) -> None:
         checks = {"lists": self.lists is None or self.lists >= 1, "probes": self.probes is None or self.probes >= 1,
@@ -82,15 +93,20 @@ class IVFSettings:
                   "min_cosine": self.min_cosine is None or -1 < self.min_cosine < 1,
                   "exact_above": 0 < self.exact_above <= 1,
                   "sample": self.sample >= 2, "train_per_list": self.train_per_list >= 1, "iters": self.iters >= 1,
-                  "query_block": self.query_block >= 1}
+                  "query_block": self.query_block >= 1, "select": self.select in SELECTS,
+                  "group_size": self.group_size >= 1, "rows": self.rows is None or self.rows >= 1}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"IVFSettings: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+            raise ValueError(f"IVFSettings: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
+                             f"(select is one of {list(SELECTS)})")
+        if self.select == "groups" and self.min_cosine is None and self.rows is None:
+            raise ValueError("IVFSettings(select='groups') needs min_cosine (the calibration target, e.g. 0.999) "
+                             "or rows: its error is not a dropped mass that max_dropped could bound")
 
     def key(self) -> str:
         """The settings that change the result, as a stable string (for cache keys)."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("query_block", "cache_dir")}
+        skip = {"query_block", "cache_dir"} | ({"select", "group_size", "rows", "tail"} if self.select == "lists" else set())
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         return json.dumps(fields, sort_keys=True)
 
     def n_lists(self, m: int) -> int:
@@ -522,6 +538,16 @@ def ivf_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list[np.
     n, m = queries.shape[0], keys.shape[0]
     t0 = time.perf_counter()
     part = cached_partition(keys, settings.n_lists(m), settings, dev)
+    t_part = time.perf_counter() - t0
+    if settings.select == "groups":
+        from pairfree.grouped import grouped_aggregate
+
+        rep = grouped_aggregate(queries, keys, values, tau=tau, outs=outs, settings=settings, centroids=part.centroids,
+                                device=dev, dtype=dtype, normalize=normalize, progress=progress)
+        rep["seconds"]["partition"] = round(t_part, 3)
+        if report is not None:
+            report.update({"lists": len(part.offsets) - 1, **rep})
+        return
     mem = ProbedMemory(keys, values, part, dev, dtype)
     t1 = time.perf_counter()
     cal = calibrate(mem, queries, tau, settings)

@@ -13,7 +13,8 @@ At paper scale (2.3M queries against 1-2M memory rows) the N x M score matrix ne
 - "ivf": approximate, for large memories (`pairfree.ivf`): the memory is partitioned by k-means
   (faiss), each query scores exactly, in fp32, every row of the lists it probes, and the number of
   probes is calibrated on a query sample so that the dropped softmax mass stays under a bound;
-  the achieved accuracy is measured against exact and reported.
+  the achieved accuracy is measured against exact and reported. With `IVFSettings(select="groups")`
+  each group of nearby queries shares one row selection instead (`pairfree.grouped`).
 - "topk": exact top-k scores per query (chunked), re-scored in fp32, softmax over those k.
 - "auto": "exact" up to `AUTO_EXACT_PAIRS` query x memory pairs, "ivf" above.
 

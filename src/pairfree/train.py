@@ -67,6 +67,9 @@ class TrainConfig:
                                             "left out, at the 99th percentile of a calibration sample")
     aggregation_min_cosine: float | None = option(None, gt=0, le=1, doc="aggregation='ivf': instead of the mass "
                                                   "bound, the mean cosine to exact the probes must reach (e.g. 0.999)")
+    aggregation_select: str = option("lists", choices=("lists", "groups"), doc="aggregation='ivf': scan the "
+                                     "nearest lists per query, or share one row selection per group of nearby "
+                                     "queries (needs aggregation_min_cosine; 3-4x faster at 0.999 at paper scale)")
     aggregation_backend: str = option("local", choices=("local", "ray"), doc="run the aggregation here or as "
                                       "Ray tasks over query shards (RAY_ADDRESS, else a local Ray)")
     pseudo_pairs: str = option("aggregate", choices=("aggregate", "retrieve"), doc="pseudo partners: the "
@@ -93,6 +96,7 @@ class TrainConfig:
                 "k": 1 if retrieve else self.aggregation_k, "device": self.device,
                 "dtype": self.aggregation_dtype, "backend": self.aggregation_backend,
                 "ivf": IVFSettings(max_dropped=self.aggregation_max_dropped, min_cosine=self.aggregation_min_cosine,
+                                   select=self.aggregation_select,
                                    cache_dir=None if cache_dir is None else str(cache_dir))}
 
 

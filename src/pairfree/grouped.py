@@ -1,0 +1,256 @@
+"""Approximate aggregation with one row selection shared by each group of nearby queries.
+
+IVF scans whole lists, and at τ = 0.01 the rows that carry a query's softmax weight are spread over
+hundreds of them: for cosine 0.999 to exact it scans 15-26x the rows a perfect selector would
+(README, "Paper scale"). Scoring each query's own best rows is no cure either: rows that differ from
+query to query cannot share a GEMM, and gathering them runs at memory speed. Here nearby queries
+share one selection, as in clustered attention (Vyas et al., 2020):
+
+1. Queries are grouped by their nearest IVF centroid (the memory's k-means partition), and groups
+   larger than `group_size` are split by spherical k-means.
+2. Each group's unit mean direction is scored against the whole memory once (1/group size of
+   exact's work): its `rows` best rows are the group's selection, and the rest of its softmax, as a
+   weighted sum and a mass relative to the selection's, is the group's tail.
+3. Every query of the group is scored exactly against the selected rows in one dense GEMM and
+   softmax-averaged over them; the group's tail is added with the mean's mass ratio ("improved
+   clustered attention"): out = (softmax average over the selection + tail_vector) / (1 + tail_mass).
+
+A group of one query is exact for any `rows` (its tail is its own); `rows` >= the memory is exact for
+any group. `rows` is calibrated on sample queries against exact (mean cosine, less two standard
+errors, at least `min_cosine`), like IVF's probes. A query far from its group's mean is served
+worse than the mean query: the report's 1st percentile and minimum say how much. Groups are formed
+over all the queries of a call (denser queries, tighter groups), so it runs locally, not as Ray
+shards.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pairfree.memory import as_tensor, host_rows
+
+
+def query_groups(queries, centroids: torch.Tensor, size: int, *, block: int = 65536, iters: int = 4,
+                 dtype: torch.dtype = torch.float32) -> list[np.ndarray]:
+    """Row indices of `queries` grouped by nearest centroid, groups larger than `size` split by a few
+    rounds of spherical k-means (seeded with evenly spaced members, so the grouping is deterministic)."""
+    n = queries.shape[0]
+    dev = centroids.device
+    near = np.empty(n, dtype=np.int64)
+    cd = centroids.to(dtype)
+    for s in range(0, n, block):
+        q = torch.from_numpy(host_rows(queries, slice(s, s + block))).to(dev)
+        near[s : s + len(q)] = (q.to(dtype) @ cd.T).argmax(1).cpu().numpy()
+    order = np.argsort(near, kind="stable")
+    groups: list[np.ndarray] = []
+    for idx in np.split(order, np.cumsum(np.bincount(near, minlength=centroids.shape[0]))[:-1]):
+        if len(idx) <= size:
+            if len(idx):
+                groups.append(idx)
+            continue
+        x = torch.from_numpy(host_rows(queries, idx)).to(dev)
+        k = math.ceil(len(idx) / size)
+        c = x[torch.linspace(0, len(idx) - 1, k, device=dev).long()]
+        for _ in range(iters):
+            a = (x @ c.T).argmax(1)
+            c = torch.nn.functional.normalize(torch.zeros_like(c).index_add_(0, a, x), dim=1)
+        a = (x @ c.T).argmax(1).cpu().numpy()
+        groups.extend(idx[a == j] for j in np.unique(a))
+    return groups
+
+
+class GroupedMemory:
+    """Keys and values held in the GEMM dtype (float32, or bfloat16 with float32 softmax and sums)."""
+
+    def __init__(self, keys, values: Sequence, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.device, self.dtype = device, dtype
+        self.keys = as_tensor(keys).to(device=device, dtype=dtype)
+        self.values = [None if v is keys else as_tensor(v).to(device=device, dtype=dtype) for v in values]
+
+    def value(self, i: int) -> torch.Tensor:
+        v = self.values[i]
+        return self.keys if v is None else v
+
+    def selections(self, means: torch.Tensor, rows: int, tau: float, tail: bool):
+        """For unit group means (B, d): the `rows` best rows of each (B, R) and, for the tail, their
+        softmax weights (B, R), the weighted sums over the whole memory per value (B, dv) and the
+        whole mass (B,), with the weights shifted by each mean's best score."""
+        dt = self.dtype
+        s = (means.to(dt) @ self.keys.T).float() / tau
+        s -= s.amax(1, keepdim=True)
+        top = s.topk(min(rows, s.shape[1]), dim=1).indices
+        if not tail:
+            return top, None
+        w = s.exp_()
+        wd = w.to(dt)  # the selection's own share is subtracted with the same rounding in `group`
+        return top, (torch.gather(w, 1, top), [(wd @ self.value(i)).float() for i in range(len(self.values))],
+                     w.sum(1))
+
+    def group(self, q: torch.Tensor, top: torch.Tensor, tail, tau: float) -> list[torch.Tensor]:
+        """One group's queries (fp32) scored against its selected rows, plus the group's tail:
+        (softmax average over the selection + tail sum / selection mass) / (1 + tail mass / selection
+        mass), all from the mean's weights, so a group of one query is exact."""
+        dt = self.dtype
+        kr = self.keys[top]
+        # shifted by each query's score of the group's best row inside the GEMM, so a bfloat16 score is
+        # rounded near 0, where the rows that carry weight sit (as in `ivf.ProbedMemory`)
+        shift = (q @ kr[0].float())[:, None] / tau
+        w = torch.softmax(torch.addmm(shift.to(dt), (q / tau).to(dt), kr.T, beta=-1).float(), dim=1).to(dt)
+        if tail is not None:
+            w_top, totals, total_mass = tail
+            top_mass = w_top.sum()
+            rho = (total_mass - top_mass).clamp_min(0) / top_mass
+            w_top = w_top.to(dt)
+        outs = []
+        for i in range(len(self.values)):
+            vr = kr if self.values[i] is None else self.values[i][top]
+            h = (w @ vr).float()
+            if tail is not None:
+                h = (h + (totals[i] - (w_top @ vr).float()) / top_mass) / (1 + rho)
+            outs.append(h)
+        return outs
+
+    def aggregate(self, queries, groups: Sequence[np.ndarray], rows: int, tau: float, tail: bool = True,
+                  batch: int = 16, sink=None, score: Sequence[np.ndarray] | None = None) -> int:
+        """Every group through `selections` and `group`; `sink(indices, results)` receives each group's
+        results (fp32 tensors, one per value). `score`: per group, the members to score (calibration
+        scores its sample only; the means still come from whole groups). Returns the (query, row)
+        scores computed."""
+        scored = 0
+        for s in range(0, len(groups), batch):
+            part = groups[s : s + batch]
+            qs = [torch.from_numpy(host_rows(queries, g)).to(self.device) for g in part]
+            means = torch.nn.functional.normalize(torch.stack([q.mean(0) for q in qs]), dim=1)
+            top, tails = self.selections(means, rows, tau, tail)
+            for j, (g, q) in enumerate(zip(part, qs)):
+                if score is not None:
+                    keep = np.isin(g, score[s + j])
+                    g, q = g[keep], q[torch.from_numpy(keep).to(q.device)]
+                t = None if tails is None else (tails[0][j], [v[j] for v in tails[1]], tails[2][j])
+                res = self.group(q, top[j], t, tau)
+                scored += len(g) * top.shape[1]
+                if sink is not None:
+                    sink(g, res)
+        return scored
+
+
+def _members(groups: Sequence[np.ndarray], wanted: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The groups holding any of the (sorted) query indices `wanted`, and those queries within each."""
+    subset, inside = [], []
+    for g in groups:
+        hit = g[np.isin(g, wanted, assume_unique=True)]
+        if len(hit):
+            subset.append(g)
+            inside.append(hit)
+    return subset, inside
+
+
+def _sample_cosines(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: list[torch.Tensor],
+                    rows: int, tau: float, tail: bool) -> np.ndarray:
+    """Per sample query (sorted indices), the lowest cosine over the values to its exact aggregate."""
+    from pairfree.ivf import _cosines
+
+    subset, inside = _members(groups, sample)
+    got = [torch.empty_like(e) for e in exact]
+
+    def sink(g: np.ndarray, res: list[torch.Tensor]) -> None:
+        at = torch.from_numpy(np.searchsorted(sample, g))
+        for o, r in zip(got, res):
+            o[at] = r
+
+    gm.aggregate(queries, subset, rows, tau, tail, sink=sink, score=inside)
+    return _cosines(got, exact)
+
+
+def choose_rows(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: list[torch.Tensor], tau: float,
+                min_cosine: float, tail: bool) -> int:
+    """The fewest shared rows whose mean cosine to exact on the calibration queries, less two standard
+    errors, reaches `min_cosine`: doubling from 2048, then bisection to 1/16 of the answer."""
+    from pairfree.ivf import _lower_bound
+
+    m = gm.keys.shape[0]
+
+    def good(r: int) -> bool:
+        return r >= m or _lower_bound(_sample_cosines(gm, queries, groups, sample, exact, r, tau, tail)) >= min_cosine
+
+    lo, hi = 0, min(2048, m)
+    while not good(hi):
+        lo, hi = hi, min(2 * hi, m)
+    while hi - lo > max(256, hi // 16):
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if good(mid) else (mid, hi)
+    return hi
+
+
+def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list[np.ndarray], settings,
+                      centroids: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32,
+                      normalize: bool = True, progress: bool | str = False) -> dict[str, Any]:
+    """`aggregate(..., method="ivf")` with `IVFSettings(select="groups")`: queries grouped around the
+    memory partition's `centroids`, `rows` calibrated (unless set) on a sample against exact, measured
+    on the rest of the sample, and every group written into `outs`. Returns the report."""
+    from pairfree.memory import aggregate
+    from pairfree.progress import progress as progress_bar
+
+    n, m = queries.shape[0], keys.shape[0]
+    t0 = time.perf_counter()
+    gm = GroupedMemory(keys, values, device, dtype)
+    groups = query_groups(queries, torch.from_numpy(centroids).to(device), settings.group_size, dtype=dtype)
+    t1 = time.perf_counter()
+    report = calibrate(gm, queries, keys, values, groups, tau, settings, device)
+    t2 = time.perf_counter()
+    rows, tail = report["rows"], settings.tail
+    if report["rows_scanned_per_query"] > settings.exact_above * m:  # as IVF: then exact is faster
+        aggregate(queries, keys, list(values), tau=tau, device=device, out=outs, normalize=normalize,
+                  progress=progress, dtype=dtype)
+        report.update({"ran": "exact", "work_fraction": 1.0,
+                       "why": f"the calibrated selection scores {report['rows_scanned_per_query'] / m:.0%} of the "
+                              f"memory per query (> exact_above = {settings.exact_above:.0%})",
+                       "seconds": {"grouping": round(t1 - t0, 3), "calibration": round(t2 - t1, 3),
+                                   "aggregation": round(time.perf_counter() - t2, 3)}})
+        return report
+    bar = progress_bar(n, progress if isinstance(progress, str) else "aggregate", bool(progress), unit="q")
+
+    def sink(g: np.ndarray, res: list[torch.Tensor]) -> None:
+        for o, r in zip(outs, res):
+            r = torch.nn.functional.normalize(r, dim=-1) if normalize else r
+            o[g] = r.cpu().numpy()
+        bar.update(len(g))
+
+    scored = gm.aggregate(queries, groups, rows, tau, tail, sink=sink)
+    bar.close()
+    report.update({"work_fraction": (scored + len(groups) * m) / max(1, n * m),
+                   "seconds": {"grouping": round(t1 - t0, 3), "calibration": round(t2 - t1, 3),
+                               "aggregation": round(time.perf_counter() - t2, 3)}})
+    return report
+
+
+def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequence[np.ndarray], tau: float,
+              settings, device: torch.device) -> dict[str, Any]:
+    """`rows` chosen on part of a query sample (exact reference; unless settings.rows is set) and what
+    it achieves measured on the rest: the report of `grouped_aggregate` before it runs."""
+    from pairfree.memory import aggregate
+
+    n, m = queries.shape[0], keys.shape[0]
+    rng = np.random.default_rng(settings.seed + 1)
+    sample = np.sort(rng.choice(n, min(settings.sample, n), replace=False))
+    exact = [torch.from_numpy(e) for e in aggregate(host_rows(queries, sample), keys, list(values), tau=tau,
+                                                    device=device, normalize=False)]
+    perm = rng.permutation(len(sample))
+    n_cal = max(1, min(1000, len(sample) // 2))
+    cal = np.sort(perm[:n_cal])
+    chk = np.sort(perm[n_cal:]) if len(sample) > 1 else cal
+    rows = min(m, settings.rows or choose_rows(gm, queries, groups, sample[cal], [e[cal] for e in exact], tau,
+                                               settings.min_cosine, settings.tail))
+    cos = _sample_cosines(gm, queries, groups, sample[chk], [e[chk] for e in exact], rows, tau, settings.tail)
+    sizes = np.array([len(g) for g in groups])
+    return {"select": "groups", "rows": rows, "groups": len(groups), "tail": settings.tail, "sample": len(sample),
+            "group_size": {"mean": float(sizes.mean()), "p10": float(np.quantile(sizes, 0.1)),
+                           "p90": float(np.quantile(sizes, 0.9))},
+            "cosine_to_exact": {"mean": float(cos.mean()), "p1": float(np.quantile(cos, 0.01)),
+                                "min": float(cos.min())},
+            "rows_scanned_per_query": rows + len(groups) * m / n}
