@@ -21,6 +21,10 @@ Stages, each in its own subprocess (so each peak memory is its own):
   and the time all pseudo data would then take at the fp32 and bf16 GEMM rates measured in the same
   run (selection not counted): how far IVF is from the rows that matter, and a floor for any method
   that scores a subset of the rows chosen by weight;
+- groups: per hop, one row selection per group of nearby queries (`IVFSettings(select="groups")`) in
+  bf16 at mean cosine 0.999: rows calibrated and measured as above, throughput timed on whole groups
+  holding --groups-share of the queries, projected with the grouping and calibration time added
+  (about 12-40 min per hop);
 - train: Ex-MCR training on a 5.41M-tuple pool (memory-mapped float16, gathered per batch; memory
   rows stand in for the aggregated roles) at batch 4096, fp32 and bf16 autocast, for --train-steps
   steps; FLOPs per step counted by torch's FlopCounterMode, as a ratio to the best GEMM rate of the
