@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pairfree.grouped import GroupedMemory, query_groups
+from pairfree.grouped import GroupedMemory, KeptSelections, _members, _sample_cosines, choose_rows, query_groups
 from pairfree.ivf import IVFSettings
 from pairfree.memory import aggregate, aggregate_dense
 from pf_testing import clustered, unit
@@ -57,6 +57,24 @@ def test_every_row_selected_is_exact_for_any_group(world, tail):
     np.testing.assert_allclose(b, aggregate_dense(q, k, v), atol=1e-5)
 
 
+def test_weights_that_overflow_are_redone_with_a_max(world, monkeypatch):
+    """At τ = 1e-3 a query of a loose group scores rows far above the group's best row: its shifted
+    weights overflow (or all vanish), and it is redone in float32 with a max, so the
+    result is still exact."""
+    q, k, v = world["q"][:300], world["k"], world["v"]
+    gm = GroupedMemory(k, [k, v], torch.device("cpu"))
+    redone = []
+    softmax = gm._softmax
+    monkeypatch.setattr(gm, "_softmax", lambda q_, kr, tau: redone.append(len(q_)) or softmax(q_, kr, tau))
+    groups = query_groups(q, torch.from_numpy(unit(np.random.default_rng(3), 8, q.shape[1])), size=64)
+    a, b = (x / np.linalg.norm(x, axis=1, keepdims=True)
+            for x in _run(gm, q, groups, rows=len(k), tail=True, tau=1e-3))
+    assert sum(redone) > 0
+    # at τ = 1e-3 fp32 rounding of the scores is amplified 1000x: the exact kernels differ by 3e-5 here
+    np.testing.assert_allclose(a, aggregate_dense(q, k, tau=1e-3), atol=1e-4)
+    np.testing.assert_allclose(b, aggregate_dense(q, k, v, tau=1e-3), atol=1e-4)
+
+
 def test_runs_exact_when_the_selection_would_cost_more(world):
     """Selecting every row costs more than exact (the group means' pass on top): it runs exact, says why."""
     q, k = world["q"][:300], world["k"]
@@ -90,6 +108,40 @@ def test_calibrated_rows_meet_the_target_and_the_report_tells_the_truth(rng):
     assert "ran" not in rep and rep["rows"] <= len(k) / 4 and rep["work_fraction"] < 0.5, rep
     assert cos.mean() >= 0.999 and rep["cosine_to_exact"]["mean"] >= 0.999
     assert abs(cos.mean() - rep["cosine_to_exact"]["mean"]) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tail", [False, True])
+def test_kept_selections_equal_the_direct_pass_at_every_smaller_row_count(world, tail, dtype):
+    """Calibration keeps each sample group's selection at many rows and reads each trial from prefix
+    sums over blocks of them (here 128 blocks of 20 rows): at row counts on the block grid, off it
+    (computed directly) and at τ = 1e-3 (weights that overflow: computed directly), the cosines equal
+    a fresh pass's; and the rows chosen do not depend on how many were kept (one kept pass, or built
+    again when the doubling outgrows it)."""
+    q, k, v = world["q"], world["k"], world["v"]
+    gm = GroupedMemory(k, [k, v], torch.device("cpu"), dtype)
+    groups = query_groups(q, torch.from_numpy(unit(np.random.default_rng(3), 8, q.shape[1])), size=64)
+    sample = np.sort(np.random.default_rng(1).choice(len(q), 200, replace=False))
+    exact = {}
+    for tau in (0.01, 1e-3):
+        exact[tau] = [torch.from_numpy(e) for e in aggregate(q[sample], k, [k, v], tau=tau, normalize=False)]
+        kept = KeptSelections(gm, q, *_members(groups, sample), 2560, tau, tail)
+        for rows in (55, 60, 700, 2560):
+            got, fresh = (_sample_cosines(gm, q, groups, sample, exact[tau], rows, tau, tail, kept_or_not)
+                          for kept_or_not in (kept, None))
+            if dtype == torch.float32:
+                np.testing.assert_allclose(got, fresh, atol=1e-6)
+            elif rows >= 700:  # bf16 scores tie, and topk(55) need not pick the first 55 of topk(2560)'s ties
+                assert abs(got.mean() - fresh.mean()) < 1e-4
+        on_grid = [kept.results(j, 700) is not None for j in range(len(kept.ids))]
+        assert kept.block == 20 and kept.results(0, 55) is None
+        assert all(on_grid) if tau == 0.01 else not all(on_grid)  # at 1e-3 some groups' weights overflow
+    with pytest.raises(ValueError, match="kept 2560"):
+        kept.aggregate(2561, lambda g, res: None)
+    if dtype == torch.float32:
+        chosen = [choose_rows(gm, q, groups, sample, exact[0.01], 0.01, 0.999, tail, keep=keep)
+                  for keep in (64, len(k))]
+        assert chosen[0] == chosen[1] < len(k)
 
 
 def test_bf16_within_its_measured_tolerance(world):

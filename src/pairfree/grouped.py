@@ -94,13 +94,20 @@ class GroupedMemory:
     def group(self, q: torch.Tensor, top: torch.Tensor, tail, tau: float) -> list[torch.Tensor]:
         """One group's queries (fp32) scored against its selected rows, plus the group's tail:
         (softmax average over the selection + tail sum / selection mass) / (1 + tail mass / selection
-        mass), all from the mean's weights, so a group of one query is exact."""
+        mass), all from the mean's weights, so a group of one query is exact.
+
+        Each query's scores are shifted by its score of the group's best row inside the score GEMM, so
+        a bfloat16 score is rounded near 0, where the rows that carry weight sit, and the weights are
+        one in-place `exp` and a sum (no max pass and no normalising pass over the weights), as in
+        `ivf.ProbedMemory.aggregate`. A query whose shifted weights overflow or vanish (a row far
+        above the group's best, or all far below, which takes a small τ) is redone with a max."""
         dt = self.dtype
         kr = self.keys[top]
-        # shifted by each query's score of the group's best row inside the GEMM, so a bfloat16 score is
-        # rounded near 0, where the rows that carry weight sit (as in `ivf.ProbedMemory`)
-        shift = (q @ kr[0].float())[:, None] / tau
-        w = torch.softmax(torch.addmm(shift.to(dt), (q / tau).to(dt), kr.T, beta=-1).float(), dim=1).to(dt)
+        w = self.weights(q, kr, tau)
+        mass = w.sum(1, dtype=torch.float32)
+        bad = ~torch.isfinite(mass) | (mass < 1e-30)
+        if bad.any():
+            w[bad], mass[bad] = self._softmax(q[bad], kr, tau), 1.0
         if tail is not None:
             w_top, totals, total_mass = tail
             top_mass = w_top.sum()
@@ -109,25 +116,39 @@ class GroupedMemory:
         outs = []
         for i in range(len(self.values)):
             vr = kr if self.values[i] is None else self.values[i][top]
-            h = (w @ vr).float()
+            h = (w @ vr).float() / mass[:, None]
             if tail is not None:
                 h = (h + (totals[i] - (w_top @ vr).float()) / top_mass) / (1 + rho)
             outs.append(h)
         return outs
 
+    def weights(self, q: torch.Tensor, kr: torch.Tensor, tau: float) -> torch.Tensor:
+        """exp((q·k - q·kr[0]) / τ) for fp32 queries over rows `kr`, in the GEMM dtype, unnormalised."""
+        shift = (q @ kr[0].float())[:, None] / tau
+        return torch.addmm(shift.to(self.dtype), (q / tau).to(self.dtype), kr.T, beta=-1).exp_()
+
+    def _softmax(self, q: torch.Tensor, kr: torch.Tensor, tau: float) -> torch.Tensor:
+        """Softmax weights of queries over rows `kr`, in float32 with a max, as the GEMM dtype."""
+        return torch.softmax((q @ kr.float().T) / tau, dim=1).to(self.dtype)
+
+    def passes(self, queries, groups: Sequence[np.ndarray], rows: int, tau: float, tail: bool, batch: int = 64):
+        """Per batch of groups: (first group's position, the groups' queries (fp32), `selections` of their
+        unit means). 64 groups per batch: the means' score and tail GEMMs with fewer rows are bound by
+        reading the memory, not by the GEMM rate."""
+        for s in range(0, len(groups), batch):
+            qs = [torch.from_numpy(host_rows(queries, g)).to(self.device) for g in groups[s : s + batch]]
+            means = torch.nn.functional.normalize(torch.stack([q.mean(0) for q in qs]), dim=1)
+            yield s, qs, self.selections(means, rows, tau, tail)
+
     def aggregate(self, queries, groups: Sequence[np.ndarray], rows: int, tau: float, tail: bool = True,
-                  batch: int = 16, sink=None, score: Sequence[np.ndarray] | None = None) -> int:
+                  batch: int = 64, sink=None, score: Sequence[np.ndarray] | None = None) -> int:
         """Every group through `selections` and `group`; `sink(indices, results)` receives each group's
         results (fp32 tensors, one per value). `score`: per group, the members to score (calibration
         scores its sample only; the means still come from whole groups). Returns the (query, row)
         scores computed."""
         scored = 0
-        for s in range(0, len(groups), batch):
-            part = groups[s : s + batch]
-            qs = [torch.from_numpy(host_rows(queries, g)).to(self.device) for g in part]
-            means = torch.nn.functional.normalize(torch.stack([q.mean(0) for q in qs]), dim=1)
-            top, tails = self.selections(means, rows, tau, tail)
-            for j, (g, q) in enumerate(zip(part, qs)):
+        for s, qs, (top, tails) in self.passes(queries, groups, rows, tau, tail, batch):
+            for j, (g, q) in enumerate(zip(groups[s : s + batch], qs)):
                 if score is not None:
                     keep = np.isin(g, score[s + j])
                     g, q = g[keep], q[torch.from_numpy(keep).to(q.device)]
@@ -137,6 +158,97 @@ class GroupedMemory:
                 if sink is not None:
                     sink(g, res)
         return scored
+
+
+def _prefix(x: torch.Tensor) -> torch.Tensor:
+    """Cumulative sums along dim 0 with a leading zero: entry k sums the first k blocks."""
+    return torch.cat([torch.zeros_like(x[:1]), x.cumsum(0)])
+
+
+class KeptSelections:
+    """Calibration's trials read from one pass over its sample's groups.
+
+    Each group's selection is kept at `rows` rows in descending score order, so every smaller selection
+    is a prefix of it (a mean's best r rows are the first r of its best R). Over those rows, in `blocks`
+    blocks, the sample queries' weights and weighted sums, and the mean's (for the tail), are summed
+    and accumulated: a trial at a multiple of the block size reads its results from these prefix sums
+    instead of scoring its rows again (a dozen trials cost one pass). Other row counts, and queries
+    whose weights overflow, are computed directly, as `GroupedMemory.group`."""
+
+    def __init__(self, gm: GroupedMemory, queries, groups: Sequence[np.ndarray], members: Sequence[np.ndarray],
+                 rows: int, tau: float, tail: bool, blocks: int = 128, batch: int = 64):
+        self.gm, self.tau, self.tail = gm, tau, tail
+        self.rows = min(rows, gm.keys.shape[0])
+        self.block = max(1, self.rows // blocks)
+        index_dtype = torch.int32 if gm.keys.shape[0] < 2**31 else torch.int64  # half the memory kept
+        self.ids: list[np.ndarray] = []
+        self.q: list[torch.Tensor] = []
+        self.top: list[torch.Tensor] = []
+        self.tails: list = []
+        self.sums: list = []
+        for s, qs, (top, tails) in gm.passes(queries, groups, self.rows, tau, tail, batch):
+            for j, (g, q) in enumerate(zip(groups[s : s + batch], qs)):
+                keep = np.isin(g, members[s + j])
+                q = q[torch.from_numpy(keep).to(q.device)]
+                t = None if tails is None else (tails[0][j], [v[j] for v in tails[1]], tails[2][j])
+                self.ids.append(g[keep])
+                self.q.append(q)
+                self.top.append(top[j].to(index_dtype))
+                self.tails.append(t)
+                self.sums.append(self._prefix_sums(q, top[j], t))
+
+    def _prefix_sums(self, q: torch.Tensor, top: torch.Tensor, tail):
+        """Per block of rows, accumulated: the queries' masses (blocks + 1, n) and weighted sums per
+        value (blocks + 1, n, dv); the mean's selection mass (blocks + 1,) and weighted sums per value
+        (blocks + 1, dv), with the roundings of `GroupedMemory.group` (bf16 weights, fp32 sums)."""
+        gm, b = self.gm, self.block
+        nb = self.rows // b
+        sel = top[: nb * b]
+        kr = gm.keys[sel]
+        w = gm.weights(q, kr, self.tau).view(len(q), nb, b)
+        q_mass = _prefix(w.sum(2, dtype=torch.float32).T)
+        wt = None if tail is None else tail[0][: nb * b]
+        t_mass = None if wt is None else _prefix(wt.view(nb, b).sum(1))
+        q_sums, t_sums = [], []
+        for i in range(len(gm.values)):
+            vb = (kr if gm.values[i] is None else gm.values[i][sel]).view(nb, b, -1)
+            q_sums.append(_prefix(torch.bmm(w.transpose(0, 1), vb).float()))
+            if wt is not None:
+                t_sums.append(_prefix(torch.bmm(wt.to(gm.dtype).view(nb, 1, b), vb)[:, 0].float()))
+        return q_mass, q_sums, t_mass, t_sums
+
+    def results(self, j: int, rows: int) -> list[torch.Tensor] | None:
+        """Group j's sample queries' results at `rows` from the prefix sums; None where they cannot
+        give them (off the block grid, or weights that overflow or vanish)."""
+        q_mass, q_sums, t_mass, t_sums = self.sums[j]
+        k, off = divmod(rows, self.block)
+        if off or not 0 < k < len(q_mass):
+            return None
+        mass = q_mass[k]
+        if not (torch.isfinite(mass).all() and (mass >= 1e-30).all()):
+            return None
+        outs = []
+        for i, qs in enumerate(q_sums):
+            h = qs[k] / mass[:, None]
+            if self.tail:
+                _, totals, total_mass = self.tails[j]
+                top_mass = t_mass[k]
+                rho = (total_mass - top_mass).clamp_min(0) / top_mass
+                h = (h + (totals[i] - t_sums[i][k]) / top_mass) / (1 + rho)
+            outs.append(h)
+        return outs
+
+    def aggregate(self, rows: int, sink) -> None:
+        """Every kept group's sample queries at `rows` (<= the rows kept) into `sink(indices, results)`."""
+        if rows > self.rows:
+            raise ValueError(f"kept {self.rows} rows per group, asked for {rows}")
+        for j, ids in enumerate(self.ids):
+            res = self.results(j, rows)
+            if res is None:
+                t = self.tails[j]
+                res = self.gm.group(self.q[j], self.top[j][:rows].long(),
+                                    None if t is None else (t[0][:rows], t[1], t[2]), self.tau)
+            sink(ids, res)
 
 
 def _members(groups: Sequence[np.ndarray], wanted: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -151,8 +263,9 @@ def _members(groups: Sequence[np.ndarray], wanted: np.ndarray) -> tuple[list[np.
 
 
 def _sample_cosines(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: list[torch.Tensor],
-                    rows: int, tau: float, tail: bool) -> np.ndarray:
-    """Per sample query (sorted indices), the lowest cosine over the values to its exact aggregate."""
+                    rows: int, tau: float, tail: bool, kept: KeptSelections | None = None) -> np.ndarray:
+    """Per sample query (sorted indices), the lowest cosine over the values to its exact aggregate.
+    `kept`: the selections of `_members(groups, sample)`, kept at `rows` or more."""
     from pairfree.ivf import _cosines
 
     subset, inside = _members(groups, sample)
@@ -163,20 +276,34 @@ def _sample_cosines(gm: GroupedMemory, queries, groups, sample: np.ndarray, exac
         for o, r in zip(got, res):
             o[at] = r
 
-    gm.aggregate(queries, subset, rows, tau, tail, sink=sink, score=inside)
+    if kept is not None:
+        kept.aggregate(rows, sink)
+    else:
+        gm.aggregate(queries, subset, rows, tau, tail, sink=sink, score=inside)
     return _cosines(got, exact)
 
 
 def choose_rows(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: list[torch.Tensor], tau: float,
-                min_cosine: float, tail: bool) -> int:
+                min_cosine: float, tail: bool, keep: int = 65536) -> int:
     """The fewest shared rows whose mean cosine to exact on the calibration queries, less two standard
-    errors, reaches `min_cosine`: doubling from 2048, then bisection to 1/16 of the answer."""
+    errors, reaches `min_cosine`: doubling from 2048, then bisection to 1/16 of the answer. The trials
+    read `KeptSelections` of the sample's groups at `keep` rows (built again at 4x when more are
+    tried) instead of each repeating the means' pass and the scoring."""
     from pairfree.ivf import _lower_bound
 
     m = gm.keys.shape[0]
+    subset, inside = _members(groups, sample)
+    kept: KeptSelections | None = None
 
     def good(r: int) -> bool:
-        return r >= m or _lower_bound(_sample_cosines(gm, queries, groups, sample, exact, r, tau, tail)) >= min_cosine
+        nonlocal kept
+        if r >= m:
+            return True
+        if kept is None or r > kept.rows:
+            size = max(r, keep if kept is None else 4 * kept.rows)
+            kept = None  # freed before the next is built
+            kept = KeptSelections(gm, queries, subset, inside, size, tau, tail)
+        return _lower_bound(_sample_cosines(gm, queries, groups, sample, exact, r, tau, tail, kept)) >= min_cosine
 
     lo, hi = 0, min(2048, m)
     while not good(hi):
