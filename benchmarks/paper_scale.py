@@ -24,7 +24,7 @@ Stages, each in its own subprocess (so each peak memory is its own):
 - groups: per hop, one row selection per group of nearby queries (`IVFSettings(select="groups")`) in
   bf16 at mean cosine 0.999: rows calibrated and measured as above, throughput timed on whole groups
   holding --groups-share of the queries, projected with the grouping and calibration time added
-  (about 12-40 min per hop);
+  (51 min for the four hops: 6-7 min on the first two, 19-20 on the two-value hops);
 - train: Ex-MCR training on a 5.41M-tuple pool (memory-mapped float16, gathered per batch; memory
   rows stand in for the aggregated roles) at batch 4096, fp32 and bf16 autocast, for --train-steps
   steps; FLOPs per step counted by torch's FlopCounterMode, as a ratio to the best GEMM rate of the
@@ -358,7 +358,8 @@ def stage_groups(args) -> dict:
                "projected_s": round(n * t / held + (t2 - t0))}
         print(f"{name} | groups bf16 cos>=0.999: rows {rep['rows']}, {rep['groups']} groups, cos "
               f"{rep['cosine_to_exact']['mean']:.5f} / p1 {rep['cosine_to_exact']['p1']:.4f}, "
-              f"{hop['q_per_s']} q/s, projected {hop['projected_s']} s", flush=True)
+              f"{hop['q_per_s']} q/s, grouping {hop['grouping_s']} s, calibration {hop['calibration_s']} s, "
+              f"projected {hop['projected_s']} s", flush=True)
         out[name] = hop
         gm = None
     queries = {h: out[h]["queries"] for h in out}
