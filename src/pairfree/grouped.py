@@ -17,7 +17,7 @@ share one selection, as in clustered attention (Vyas et al., 2020):
 
 A group of one query is exact for any `rows` (its tail is its own); `rows` >= the memory is exact for
 any group. `rows` is calibrated on sample queries against exact (mean cosine, less two standard
-errors, at least `min_cosine`), like IVF's probes. A query far from its group's mean is served
+errors, at least `min_cosine`), like IVF's probes; its trials read one kept pass (`KeptSelections`). A query far from its group's mean is served
 worse than the mean query: the report's 1st percentile and minimum say how much. Groups are formed
 over all the queries of a call (denser queries, tighter groups), so it runs locally, not as Ray
 shards.
