@@ -287,8 +287,9 @@ def choose_rows(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: l
                 min_cosine: float, tail: bool, keep: int = 65536) -> int:
     """The fewest shared rows whose mean cosine to exact on the calibration queries, less two standard
     errors, reaches `min_cosine`: doubling from 2048, then bisection to 1/16 of the answer. The trials
-    read `KeptSelections` of the sample's groups at `keep` rows (built again at 4x when more are
-    tried) instead of each repeating the means' pass and the scoring."""
+    read `KeptSelections` of the sample's groups at `keep` rows (built again at the doubling's step that
+    outgrows them; the bisection stays below it) instead of each repeating the means' pass and the
+    scoring."""
     from pairfree.ivf import _lower_bound
 
     m = gm.keys.shape[0]
@@ -300,9 +301,8 @@ def choose_rows(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: l
         if r >= m:
             return True
         if kept is None or r > kept.rows:
-            size = max(r, keep if kept is None else 4 * kept.rows)
             kept = None  # freed before the next is built
-            kept = KeptSelections(gm, queries, subset, inside, size, tau, tail)
+            kept = KeptSelections(gm, queries, subset, inside, max(r, keep), tau, tail)
         return _lower_bound(_sample_cosines(gm, queries, groups, sample, exact, r, tau, tail, kept)) >= min_cosine
 
     lo, hi = 0, min(2048, m)
