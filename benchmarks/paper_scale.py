@@ -422,17 +422,13 @@ def stage_train(args) -> dict:
 def run_stage(name: str, args) -> dict:
     import torch
 
-    from pairfree.devices import keep_freed_host_memory
-
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    kept = False if args.default_malloc else keep_freed_host_memory()
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         result = {"world": stage_world, "exact": stage_exact, "aggregation": stage_aggregation, "bound": stage_bound, "groups": stage_groups,
                   "train": stage_train}[name](args)
     result.update({"stage": name, "wall_s": round(time.perf_counter() - t0, 1), **mem.summary(),
-                   "threads": torch.get_num_threads(), "kept_freed_host_memory": kept,
-                   "date": time.strftime("%Y-%m-%d")})
+                   "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")})
     return result
 
 
@@ -534,9 +530,6 @@ def main() -> None:
     p.add_argument("--groups-share", type=float, default=0.04,
                    help="share of a hop's queries (whole groups) timed by the groups stage")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--default-malloc", action="store_true",
-                   help="leave glibc's allocator as it is (by default freed memory is kept for reuse, "
-                        "pairfree.devices.keep_freed_host_memory, as the command line does)")
     p.add_argument("--cache", default=None, help="pseudo-data cache (default: next to the world)")
     p.add_argument("--out", default="runs/bench/paper_scale")
     p.add_argument("--stage", help=argparse.SUPPRESS)

@@ -24,28 +24,3 @@ def resolve_device(name: str) -> "torch.device":
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {name!r}: pairfree runs on cpu, cuda or mps, not {dev.type}")
     return dev
-
-
-def keep_freed_host_memory(threshold: int = 1 << 30) -> bool:
-    """Ask glibc to serve host allocations up to `threshold` bytes from its heap and keep what is freed
-    there for reuse, instead of mapping each large block afresh and unmapping it on free.
-
-    Aggregation over millions of rows allocates and frees blocks of 50-300 MB per step (gathered rows,
-    score blocks, GEMM packing buffers); by default glibc maps each one anew and the kernel zero-fills
-    every page on first touch: a third of the time of a grouped aggregation step on the paper-scale
-    world (README, "Paper scale"). Process-wide and lasting (resident memory stays at its high-water
-    mark), so the command line and the benchmarks call it, not the library's functions. Returns False
-    where the C library has no `mallopt` (not glibc) or refuses the setting."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    trim = min(2 * threshold, 2**31 - 1)  # an int in C
-    return bool(mallopt(m_mmap_threshold, threshold)) and bool(mallopt(m_trim_threshold, trim))

@@ -3,7 +3,6 @@
 The library (`import pairfree`) never imports this package: it is the entry point and the home of the
 experiment drivers (`demo`, `ablate`, `study`, `tune`), as open_clip keeps `open_clip_train` apart from `open_clip`.
 
-Large blocks freed on the host are kept for reuse (`pairfree.devices.keep_freed_host_memory`).
 Errors print one line naming the file, field and expectation and exit with status 2; `--debug`
 (anywhere on the command line, or PAIRFREE_DEBUG=1) shows the traceback instead.
 """
@@ -55,9 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         quiet_libraries()
-    from pairfree.devices import keep_freed_host_memory
-
-    keep_freed_host_memory()  # large CPU kernels reuse freed blocks instead of faulting in fresh pages
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
