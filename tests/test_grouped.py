@@ -166,3 +166,23 @@ def test_settings_say_what_select_groups_needs(world):
         IVFSettings(select="rows")
     # the lists' cache keys are unchanged by the group fields; the groups' keys carry them
     assert "group_size" not in IVFSettings().key() and "group_size" in IVFSettings(select="groups", rows=8).key()
+
+
+def test_buffers_reused_across_groups_leave_no_trace(world):
+    """Each group's results, bf16, through one memory whose gather and weight buffers every group
+    reuses (larger, then smaller, then larger groups; two values sharing one buffer), are bit-identical
+    to those of a fresh memory per group, and bf16 weights are summed exactly as a direct fp32 sum
+    up to summation order."""
+    from pairfree.grouped import _row_sums
+
+    q, k, v = world["q"][:400], world["k"], world["v"]
+    w2 = unit(np.random.default_rng(5), len(k), 24)
+    groups = [np.arange(0, 150), np.arange(150, 160), np.arange(160, 161), np.arange(161, 400)]
+    shared = GroupedMemory(k, [v, w2], torch.device("cpu"), torch.bfloat16)
+    got = _run(shared, q, groups, rows=700, tail=True)
+    for g in groups:
+        fresh = _run(GroupedMemory(k, [v, w2], torch.device("cpu"), torch.bfloat16), q, [g], rows=700, tail=True)
+        for a, b in zip(got, fresh):
+            np.testing.assert_array_equal(a[g], b[g])
+    w = torch.rand(7, 20_001).to(torch.bfloat16)
+    torch.testing.assert_close(_row_sums(w, block=4096), w.float().sum(1), rtol=1e-6, atol=0)
