@@ -75,7 +75,7 @@ class GroupedMemory:
 
     def _buffer(self, name: str, *shape: int) -> torch.Tensor:
         """A reused (shape) block in the GEMM dtype. Each group gathers and scores blocks of 50-150 MB;
-        allocated afresh, the kernel zero-fills every page on first touch (a quarter of a group's time
+        allocated afresh, the OS zero-fills every page on first touch (a third of a group's time
         on the paper-scale world). Grown, never shrunk, for the life of this memory."""
         size = math.prod(shape)
         buf = self._work.get(name)
