@@ -131,8 +131,9 @@ def test_kept_selections_equal_the_direct_pass_at_every_smaller_row_count(world,
                           for kept_or_not in (kept, None))
             if dtype == torch.float32:
                 np.testing.assert_allclose(got, fresh, atol=1e-6)
-            elif rows >= 700:  # bf16 scores tie, and topk(55) need not pick the first 55 of topk(2560)'s ties
-                assert abs(got.mean() - fresh.mean()) < 1e-4
+            elif rows >= 700:  # bf16 scores tie: the first 700 of an ordered topk(2560) and a fresh unordered
+                # selection of 700 may hold different tied rows (3-4 queries of 200 move, by up to 0.02)
+                assert abs(got.mean() - fresh.mean()) < 3e-4 and (np.abs(got - fresh) > 1e-3).mean() < 0.05
         on_grid = [kept.results(j, 700) is not None for j in range(len(kept.ids))]
         assert kept.block == 20 and kept.results(0, 55) is None
         assert all(on_grid) if tau == 0.01 else not all(on_grid)  # at 1e-3 some groups' weights overflow
@@ -145,18 +146,19 @@ def test_kept_selections_equal_the_direct_pass_at_every_smaller_row_count(world,
 
 
 def test_bf16_within_its_measured_tolerance(world):
-    """bf16 GEMMs with every row selected: keys within 1e-4 of the exact bf16 kernel's mean cosine,
-    values of another width within 3e-4 (here 0.99968 against 0.99989: each query is shifted by its
-    score of the group's best row, not by its own best); calibration runs in bf16, so at paper scale
-    this rounding is inside the reported cosine."""
+    """bf16 GEMMs with every row selected: keys within 3e-5 of the exact bf16 kernel's mean cosine,
+    values of another width within 1e-4 (here 0.99985 against 0.99989: each query is shifted by its
+    best score over its group's 16 best rows, not by its own best; shifted by one row's score, it was
+    0.99968 with a minimum of 0.988); calibration runs in bf16, so at paper scale this rounding is
+    inside the reported cosine."""
     q, k, v = world["q"], world["k"], world["v"]
     gm = GroupedMemory(k, [k, v], torch.device("cpu"), torch.bfloat16)
     groups = query_groups(q, torch.from_numpy(unit(np.random.default_rng(3), 8, q.shape[1])), size=64)
     fused = aggregate(q, k, [k, v], kernel="chunked", dtype="bfloat16", memory_chunk=1000)
-    for got, ref, val, tol in zip(_run(gm, q, groups, rows=len(k), tail=True), fused, (k, v), (1e-4, 3e-4)):
+    for got, ref, val, tol in zip(_run(gm, q, groups, rows=len(k), tail=True), fused, (k, v), (3e-5, 1e-4)):
         exact = aggregate_dense(q, k, val)
         cos = (got / np.linalg.norm(got, axis=1, keepdims=True) * exact).sum(1)
-        assert abs(cos.mean() - (ref * exact).sum(1).mean()) < tol and cos.min() >= 0.98, (cos.mean(), cos.min())
+        assert abs(cos.mean() - (ref * exact).sum(1).mean()) < tol and cos.min() >= 0.99, (cos.mean(), cos.min())
 
 
 def test_settings_say_what_select_groups_needs(world):
@@ -186,3 +188,27 @@ def test_buffers_reused_across_groups_leave_no_trace(world):
             np.testing.assert_array_equal(a[g], b[g])
     w = torch.rand(7, 20_001).to(torch.bfloat16)
     torch.testing.assert_close(_row_sums(w, block=4096), w.float().sum(1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_top_rows_select_what_topk_selects(ordered):
+    """The threshold read from a strided sample selects each row's k largest entries, as `topk`: in
+    descending order if asked, else with the 16 largest first; with ties at the k-th value (integer
+    scores), and with a row whose strided sample misleads (every 16th entry large: its threshold keeps
+    too few, and the row is selected over all of it)."""
+    from pairfree.grouped import SHIFT_ROWS, top_rows
+
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(6, 200_000, generator=gen)
+    s[1] = torch.randint(0, 50, (200_000,), generator=gen).float()  # ties everywhere
+    s[2, ::16] += 10.0  # the sample sees only large entries
+    for k in (300, 4096, 20_000):
+        top = top_rows(s, k, ordered)
+        want = s.topk(k, dim=1).values
+        got = s.gather(1, top)
+        assert top.shape == (6, k) and all(len(set(r.tolist())) == k for r in top)
+        if ordered:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(got[:, :SHIFT_ROWS], want[:, :SHIFT_ROWS], rtol=0, atol=0)
+            torch.testing.assert_close(got.sort(dim=1, descending=True).values, want, rtol=0, atol=0)
