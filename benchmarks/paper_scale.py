@@ -339,7 +339,7 @@ def stage_groups(args) -> dict:
         settings = IVFSettings(select="groups", min_cosine=0.999, sample=args.sample, cache_dir=str(Path(args.cache)))
         part = cached_partition(keys, settings.n_lists(m), settings, dev)
         t0 = time.perf_counter()
-        gm = GroupedMemory(keys, values, dev, dt)
+        gm = GroupedMemory(keys, values, dev, dt, seed=settings.seed)
         groups = query_groups(queries, torch.from_numpy(part.centroids), settings.group_size, dtype=dt)
         t1 = time.perf_counter()
         rep = calibrate(gm, queries, keys, values, groups, tau, settings, dev)

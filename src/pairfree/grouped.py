@@ -9,18 +9,27 @@ share one selection, as in clustered attention (Vyas et al., 2020):
 1. Queries are grouped by their nearest IVF centroid (the memory's k-means partition), and groups
    larger than `group_size` are split by spherical k-means.
 2. Each group's unit mean direction is scored against the whole memory once (1/group size of
-   exact's work): its `rows` best rows are the group's selection, and the rest of its softmax, as a
-   weighted sum and a mass relative to the selection's, is the group's tail.
+   exact's work), and `rows` rows are selected from its softmax.
 3. Every query of the group is scored exactly against the selected rows in one dense GEMM and
-   softmax-averaged over them; the group's tail is added with the mean's mass ratio ("improved
-   clustered attention"): out = (softmax average over the selection + tail_vector) / (1 + tail_mass).
+   softmax-averaged over them, with the rest of the memory (the tail) estimated in one of three ways:
 
-A group of one query is exact for any `rows` (its tail is its own); `rows` >= the memory is exact for
-any group. `rows` is calibrated on sample queries against exact (mean cosine, less two standard
-errors, at least `min_cosine`), like IVF's probes; its trials read one kept pass (`KeptSelections`). A query far from its group's mean is served
-worse than the mean query: the report's 1st percentile and minimum say how much. Groups are formed
-over all the queries of a call (denser queries, tighter groups), so it runs locally, not as Ray
-shards.
+   - "sampled" (default): the selection is a priority sample of the mean's softmax (Duffield, Lund
+     & Thorup, 2007): the rows of largest score + Exp(1) noise. The rows the mean weighs most are
+     kept for sure, the others with probability proportional to their weight, and each stands for
+     max(1, z / w) rows of its weight (z the first key left out), so every query's weighted sums
+     and mass over the selection are unbiased estimates of its own over the whole memory. At τ = 0.01
+     a fifth of a paper-scale mean's softmax mass lies beyond its 16k best rows, spread over millions;
+     sampled, it takes 3-4x fewer rows than the mean's tail for cosine 0.999 (README).
+   - "mean": the best rows, and the mean's own softmax outside them, as a weighted sum and a mass
+     relative to the selection's ("improved clustered attention"): out = (softmax average over the
+     selection + tail_vector) / (1 + tail_mass). A group of one query is then exact for any `rows`.
+   - "none": the best rows only.
+
+`rows` >= the memory is exact for any group and tail. `rows` is calibrated on sample queries against
+exact (mean cosine, less two standard errors, at least `min_cosine`), like IVF's probes; its trials read
+one kept pass (`KeptSelections`). A query far from its group's mean is served worse than the mean
+query: the report's 1st percentile and minimum say how much. Groups are formed over all the queries of
+a call (denser queries, tighter groups), so it runs locally, not as Ray shards.
 """
 
 from __future__ import annotations
@@ -70,8 +79,10 @@ def query_groups(queries, centroids: torch.Tensor, size: int, *, block: int = 65
 class GroupedMemory:
     """Keys and values held in the GEMM dtype (float32, or bfloat16 with float32 softmax and sums)."""
 
-    def __init__(self, keys, values: Sequence, device: torch.device, dtype: torch.dtype = torch.float32):
-        self.device, self.dtype = device, dtype
+    def __init__(self, keys, values: Sequence, device: torch.device, dtype: torch.dtype = torch.float32,
+                 seed: int = 0):
+        self.device, self.dtype, self.seed = device, dtype, seed
+        self._draw: torch.Tensor | None = None
         self.keys = as_tensor(keys).to(device=device, dtype=dtype)
         self.values = [None if v is keys else as_tensor(v).to(device=device, dtype=dtype) for v in values]
         self._work: dict[str, torch.Tensor] = {}
@@ -95,19 +106,29 @@ class GroupedMemory:
         v = self.values[i]
         return self.keys if v is None else v
 
-    def selections(self, means: torch.Tensor, rows: int, tau: float, tail: bool, ordered: bool = False):
-        """For unit group means (B, d): the `rows` best rows of each (B, R; the `SHIFT_ROWS` best first,
-        all in descending order if `ordered`) and, for the tail, their softmax weights (B, R), the weighted
-        sums over the whole memory per value (B, dv) and the whole mass (B,), with the weights
-        shifted by each mean's best score. Scores and weights are written into buffers kept across
-        batches."""
+    def selections(self, means: torch.Tensor, rows: int, tau: float, tail: str, ordered: bool = False,
+                   offsets: torch.Tensor | None = None):
+        """For unit group means (B, d): each mean's selection of `rows` rows (B, R; the `SHIFT_ROWS` best
+        by score first) and what `group` needs for its tail:
+
+        - "sampled": the rows of largest priority key (score + the group's Exp(1) noise, `noise`), and
+          per row the log of its Horvitz-Thompson factor max(1, z / w) (B, R), z the next key;
+        - "mean": the best rows, their softmax weights (B, R), the weighted sums over the whole memory per
+          value (B, dv) and the whole mass (B,), shifted by each mean's best score;
+        - "none": the best rows only.
+
+        `ordered`: rows in descending key (or score) order, so a selection of fewer rows is a prefix
+        (with "sampled", R + 1 rows, the last one only for its key, and the keys (B, R + 1) instead of
+        factors). Scores and weights are written into buffers kept across batches."""
         dt, b, m = self.dtype, len(means), self.keys.shape[0]
         raw = torch.mm(means.to(dt), self.keys.T, out=self._buffer("mean_scores", b, m))
         s = raw if dt == torch.float32 else self._buffer("mean_scores_fp32", b, m, dtype=torch.float32).copy_(raw)
         s.div_(tau)
         s -= s.amax(1, keepdim=True)
+        if tail == "sampled":
+            return self._sampled(s, rows, ordered, torch.zeros(b, dtype=torch.int64) if offsets is None else offsets)
         top = top_rows(s, min(rows, m), ordered)
-        if not tail:
+        if tail == "none":
             return top, None
         w = s.exp_()
         # in the GEMM dtype: the selection's share is subtracted with the same rounding in `group`
@@ -115,10 +136,49 @@ class GroupedMemory:
         return top, (torch.gather(w, 1, top), [(wd @ self.value(i)).float() for i in range(len(self.values))],
                      w.sum(1))
 
+    def _noise(self) -> torch.Tensor:
+        """Exp(1) noise over the memory rows (-log u, u uniform): one fixed draw per memory (seeded)."""
+        if self._draw is None:
+            gen = torch.Generator().manual_seed(self.seed)
+            self._draw = torch.empty(self.keys.shape[0]).exponential_(generator=gen).to(self.device)
+        return self._draw
+
+    def _sampled(self, s: torch.Tensor, rows: int, ordered: bool, offsets: torch.Tensor):
+        """Priority sampling (Duffield, Lund & Thorup, 2007) of each mean's softmax: with w = exp(score)
+        and u uniform per row, the `rows` largest keys w / u (here score - log u) are kept, z is the next
+        key, and a kept row stands for max(1, z / w) rows of its weight: an unbiased estimate of any
+        sum over the memory weighted by w. Rows with w >= z are kept for sure (the best ones), the
+        others with probability w / z (the tail, by importance). Each group's noise is the memory's
+        one draw rotated by the group's offset (two in-place adds, no draw per group): rows are lucky
+        independently from group to group, and a group draws the same in calibration and in the run."""
+        m = s.shape[1]
+        e = self._noise()
+        for row, o in zip(s, offsets.tolist()):
+            row[: m - o] += e[o:]
+            row[m - o :] += e[:o]
+        top = top_rows(s, min(rows + 1, m), ordered)
+        keys = s.gather(1, top)
+        if rows >= m:  # every row kept: z = -inf, each row stands for itself
+            keys = torch.cat([keys, torch.full((len(s), 1), -math.inf, device=s.device)], dim=1)
+        if ordered:
+            return top[:, : keys.shape[1] - 1], keys
+        if rows < m:
+            last = keys.argmin(1, keepdim=True)
+            keep = torch.ones_like(top, dtype=torch.bool).scatter_(1, last, False)
+            top, keys = top[keep].view(len(s), rows), torch.cat([keys[keep].view(len(s), rows), keys.gather(1, last)], 1)
+        score = keys[:, :-1] - e[(top + offsets[:, None].to(top.device)) % m]
+        return _best_first(score, top, (keys[:, -1:] - score).clamp_min(0))
+
     def group(self, q: torch.Tensor, top: torch.Tensor, tail, tau: float) -> list[torch.Tensor]:
-        """One group's queries (fp32) scored against its selected rows, plus the group's tail:
-        (softmax average over the selection + tail sum / selection mass) / (1 + tail mass / selection
-        mass), all from the mean's weights, so a group of one query is exact.
+        """One group's queries (fp32) softmax-averaged over its selected rows `top`, with its tail:
+
+        - sampled (`tail` the rows' log factors): each row's weight times its factor, so the sums
+          over the selection estimate the query's own sums over the whole memory (unbiased, each; their
+          ratio is the estimate);
+        - the mean's (`tail` a tuple): (softmax average over the selection + tail sum / selection mass)
+          / (1 + tail mass / selection mass), all from the mean's weights, so a group of one query is
+          exact;
+        - none (`tail` None): the selection's softmax average.
 
         Each query's scores are shifted by its best score over the group's `SHIFT_ROWS` best rows inside
         the score GEMM, so a bfloat16 score is rounded near 0, where the rows that carry weight sit (one
@@ -130,11 +190,15 @@ class GroupedMemory:
         dt = self.dtype
         kr = self._rows(self.keys, top, "keys")
         w = self.weights(q, kr, tau, out=self._buffer("weights", len(q), len(top)))
+        sampled = isinstance(tail, torch.Tensor)
+        if sampled:
+            w.mul_(tail.exp().to(dt))
         mass = _row_sums(w)
         bad = ~torch.isfinite(mass) | (mass < 1e-30)
         if bad.any():
-            w[bad], mass[bad] = self._softmax(q[bad], kr, tau), 1.0
-        if tail is not None:
+            w[bad], mass[bad] = self._softmax(q[bad], kr, tau, tail if sampled else None), 1.0
+        mean_tail = tail is not None and not sampled
+        if mean_tail:
             w_top, totals, total_mass = tail
             top_mass = w_top.sum()
             rho = (total_mass - top_mass).clamp_min(0) / top_mass
@@ -143,7 +207,7 @@ class GroupedMemory:
         for i in range(len(self.values)):
             vr = kr if self.values[i] is None else self._rows(self.values[i], top, "values")
             h = (w @ vr).float() / mass[:, None]
-            if tail is not None:
+            if mean_tail:
                 h = (h + (totals[i] - (w_top @ vr).float()) / top_mass) / (1 + rho)
             outs.append(h)
         return outs
@@ -154,21 +218,28 @@ class GroupedMemory:
         shift = (q @ kr[:SHIFT_ROWS].float().T).amax(1, keepdim=True) / tau
         return torch.addmm(shift.to(self.dtype), (q / tau).to(self.dtype), kr.T, beta=-1, out=out).exp_()
 
-    def _softmax(self, q: torch.Tensor, kr: torch.Tensor, tau: float) -> torch.Tensor:
-        """Softmax weights of queries over rows `kr`, in float32 with a max, as the GEMM dtype."""
-        return torch.softmax((q @ kr.float().T) / tau, dim=1).to(self.dtype)
+    def _softmax(self, q: torch.Tensor, kr: torch.Tensor, tau: float, log_factors: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """Softmax weights of queries over rows `kr` (each row's weight times its factor), in float32 with
+        a max, as the GEMM dtype."""
+        s = (q @ kr.float().T) / tau
+        return torch.softmax(s if log_factors is None else s + log_factors, dim=1).to(self.dtype)
 
-    def passes(self, queries, groups: Sequence[np.ndarray], rows: int, tau: float, tail: bool, batch: int = 64,
+    def passes(self, queries, groups: Sequence[np.ndarray], rows: int, tau: float, tail: str, batch: int = 64,
                ordered: bool = False):
         """Per batch of groups: (first group's position, the groups' queries (fp32), `selections` of their
-        unit means). 64 groups per batch: the means' score and tail GEMMs with fewer rows are bound by
-        reading the memory, not by the GEMM rate."""
+        unit means). 64 groups per batch: the means' score GEMM with fewer rows is bound by reading the
+        memory, not by the GEMM rate. A group's noise offset comes from its first query's index (the
+        same group, the same draw)."""
+        m = self.keys.shape[0]
         for s in range(0, len(groups), batch):
-            qs = [torch.from_numpy(host_rows(queries, g)).to(self.device) for g in groups[s : s + batch]]
+            batch_groups = groups[s : s + batch]
+            qs = [torch.from_numpy(host_rows(queries, g)).to(self.device) for g in batch_groups]
             means = torch.nn.functional.normalize(torch.stack([q.mean(0) for q in qs]), dim=1)
-            yield s, qs, self.selections(means, rows, tau, tail, ordered)
+            offsets = torch.tensor([(int(g[0]) * 2654435761 + self.seed) % m for g in batch_groups])
+            yield s, qs, self.selections(means, rows, tau, tail, ordered, offsets)
 
-    def aggregate(self, queries, groups: Sequence[np.ndarray], rows: int, tau: float, tail: bool = True,
+    def aggregate(self, queries, groups: Sequence[np.ndarray], rows: int, tau: float, tail: str = "sampled",
                   batch: int = 64, sink=None, score: Sequence[np.ndarray] | None = None) -> int:
         """Every group through `selections` and `group`; `sink(indices, results)` receives each group's
         results (fp32 tensors, one per value). `score`: per group, the members to score (calibration
@@ -180,12 +251,18 @@ class GroupedMemory:
                 if score is not None:
                     keep = np.isin(g, score[s + j])
                     g, q = g[keep], q[torch.from_numpy(keep).to(q.device)]
-                t = None if tails is None else (tails[0][j], [v[j] for v in tails[1]], tails[2][j])
-                res = self.group(q, top[j], t, tau)
+                res = self.group(q, top[j], _tail_of(tails, j), tau)
                 scored += len(g) * top.shape[1]
                 if sink is not None:
                     sink(g, res)
         return scored
+
+
+def _tail_of(tails, j: int):
+    """Group j's part of a batch's tails (see `GroupedMemory.selections`)."""
+    if tails is None or isinstance(tails, torch.Tensor):
+        return None if tails is None else tails[j]
+    return tails[0][j], [v[j] for v in tails[1]], tails[2][j]
 
 
 def top_rows(s: torch.Tensor, k: int, ordered: bool = False, stride: int = 16) -> torch.Tensor:
@@ -206,16 +283,17 @@ def top_rows(s: torch.Tensor, k: int, ordered: bool = False, stride: int = 16) -
             cand = (row >= thresholds[i]).nonzero().squeeze(1)
             top[i] = (row.topk(k, sorted=ordered).indices if len(cand) < k
                       else cand[row[cand].topk(k, sorted=ordered).indices])
-    return top if ordered else _best_first(s, top)
+    return top if ordered else _best_first(s.gather(1, top), top)[0]
 
 
-def _best_first(s: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """`top` with each row's `SHIFT_ROWS` best entries moved to the front, in descending order
-    (`GroupedMemory.weights` shifts each query's scores by its best over them)."""
+def _best_first(score: torch.Tensor, top: torch.Tensor, *extra: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`top` (and each of `extra`, aligned with it) with each row's `SHIFT_ROWS` best entries by `score`
+    (the scores at `top`) moved to the front, in descending order (`GroupedMemory.weights` shifts each
+    query's scores by its best over them)."""
     few = min(SHIFT_ROWS, top.shape[1])
-    j = s.gather(1, top).topk(few, dim=1).indices
+    j = score.topk(few, dim=1).indices
     rest = torch.ones_like(top, dtype=torch.bool).scatter_(1, j, False)
-    return torch.cat([top.gather(1, j), top[rest].view(len(top), -1)], dim=1)
+    return tuple(torch.cat([x.gather(1, j), x[rest].view(len(x), -1)], dim=1) for x in (top, *extra))
 
 
 def _row_sums(w: torch.Tensor, block: int = 8192) -> torch.Tensor:
@@ -237,15 +315,17 @@ def _prefix(x: torch.Tensor) -> torch.Tensor:
 class KeptSelections:
     """Calibration's trials read from one pass over its sample's groups.
 
-    Each group's selection is kept at `rows` rows in descending score order, so every smaller selection
-    is a prefix of it (a mean's best r rows are the first r of its best R). Over those rows, in `blocks`
-    blocks, the sample queries' weights and weighted sums, and the mean's (for the tail), are summed
-    and accumulated: a trial at a multiple of the block size reads its results from these prefix sums
-    instead of scoring its rows again (a dozen trials cost one pass). Other row counts, and queries
-    whose weights overflow, are computed directly, as `GroupedMemory.group`."""
+    Each group's selection is kept at `rows` rows in descending score (or, sampled, key) order, so
+    every smaller selection is a prefix of it (a mean's best r rows are the first r of its best R).
+    Sampled, each trial scores its prefix directly, its factors from the next key: no means' pass per
+    trial. Otherwise, over those rows, in `blocks` blocks, the sample queries' weights and weighted
+    sums, and the mean's (for the tail), are summed and accumulated: a trial at a multiple of the
+    block size reads its results from these prefix sums instead of scoring its rows again (a dozen
+    trials cost one pass). Other row counts, and queries whose weights overflow, are computed
+    directly, as `GroupedMemory.group`."""
 
     def __init__(self, gm: GroupedMemory, queries, groups: Sequence[np.ndarray], members: Sequence[np.ndarray],
-                 rows: int, tau: float, tail: bool, blocks: int = 128, batch: int = 64):
+                 rows: int, tau: float, tail: str, blocks: int = 128, batch: int = 64):
         self.gm, self.tau, self.tail = gm, tau, tail
         self.rows = min(rows, gm.keys.shape[0])
         self.block = max(1, self.rows // blocks)
@@ -255,16 +335,21 @@ class KeptSelections:
         self.top: list[torch.Tensor] = []
         self.tails: list = []
         self.sums: list = []
+        m = gm.keys.shape[0]
         for s, qs, (top, tails) in gm.passes(queries, groups, self.rows, tau, tail, batch, ordered=True):
             for j, (g, q) in enumerate(zip(groups[s : s + batch], qs)):
                 keep = np.isin(g, members[s + j])
                 q = q[torch.from_numpy(keep).to(q.device)]
-                t = None if tails is None else (tails[0][j], [v[j] for v in tails[1]], tails[2][j])
                 self.ids.append(g[keep])
                 self.q.append(q)
                 self.top.append(top[j].to(index_dtype))
-                self.tails.append(t)
-                self.sums.append(self._prefix_sums(q, top[j], t))
+                if tail == "sampled":  # the keys, and the scores (keys less the group's noise)
+                    o = (int(g[0]) * 2654435761 + gm.seed) % m
+                    self.tails.append((tails[j], tails[j][:-1] - gm._noise()[(top[j] + o) % m]))
+                else:
+                    t = _tail_of(tails, j)
+                    self.tails.append(t)
+                    self.sums.append(self._prefix_sums(q, top[j], t))
 
     def _prefix_sums(self, q: torch.Tensor, top: torch.Tensor, tail):
         """Per block of rows, accumulated: the queries' masses (blocks + 1, n) and weighted sums per
@@ -288,7 +373,9 @@ class KeptSelections:
 
     def results(self, j: int, rows: int) -> list[torch.Tensor] | None:
         """Group j's sample queries' results at `rows` from the prefix sums; None where they cannot
-        give them (off the block grid, or weights that overflow or vanish)."""
+        give them (sampled, off the block grid, or weights that overflow or vanish)."""
+        if self.tail == "sampled":
+            return None
         q_mass, q_sums, t_mass, t_sums = self.sums[j]
         k, off = divmod(rows, self.block)
         if off or not 0 < k < len(q_mass):
@@ -299,7 +386,7 @@ class KeptSelections:
         outs = []
         for i, qs in enumerate(q_sums):
             h = qs[k] / mass[:, None]
-            if self.tail:
+            if self.tail == "mean":
                 _, totals, total_mass = self.tails[j]
                 top_mass = t_mass[k]
                 rho = (total_mass - top_mass).clamp_min(0) / top_mass
@@ -314,9 +401,14 @@ class KeptSelections:
         for j, ids in enumerate(self.ids):
             res = self.results(j, rows)
             if res is None:
-                t = self.tails[j]
-                res = self.gm.group(self.q[j], self.top[j][:rows].long(),
-                                    None if t is None else (t[0][:rows], t[1], t[2]), self.tau)
+                top, t = self.top[j][:rows].long(), self.tails[j]
+                if self.tail == "sampled":
+                    keys, score = t
+                    top, t = (x[0] for x in _best_first(score[None, :rows], top[None],
+                                                        (keys[rows] - score[None, :rows]).clamp_min(0)))
+                elif t is not None:
+                    t = (t[0][:rows], t[1], t[2])
+                res = self.gm.group(self.q[j], top, t, self.tau)
             sink(ids, res)
 
 
@@ -332,7 +424,7 @@ def _members(groups: Sequence[np.ndarray], wanted: np.ndarray) -> tuple[list[np.
 
 
 def _sample_cosines(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: list[torch.Tensor],
-                    rows: int, tau: float, tail: bool, kept: KeptSelections | None = None) -> np.ndarray:
+                    rows: int, tau: float, tail: str, kept: KeptSelections | None = None) -> np.ndarray:
     """Per sample query (sorted indices), the lowest cosine over the values to its exact aggregate.
     `kept`: the selections of `_members(groups, sample)`, kept at `rows` or more."""
     from pairfree.ivf import _cosines
@@ -353,7 +445,7 @@ def _sample_cosines(gm: GroupedMemory, queries, groups, sample: np.ndarray, exac
 
 
 def choose_rows(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: list[torch.Tensor], tau: float,
-                min_cosine: float, tail: bool, keep: int = 65536) -> int:
+                min_cosine: float, tail: str, keep: int = 65536) -> int:
     """The fewest shared rows whose mean cosine to exact on the calibration queries, less two standard
     errors, reaches `min_cosine`: doubling from 2048, then bisection to 1/16 of the answer. The trials
     read `KeptSelections` of the sample's groups at `keep` rows (built again at the doubling's step that
@@ -394,7 +486,7 @@ def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list
 
     n, m = queries.shape[0], keys.shape[0]
     t0 = time.perf_counter()
-    gm = GroupedMemory(keys, values, device, dtype)
+    gm = GroupedMemory(keys, values, device, dtype, seed=settings.seed)
     groups = query_groups(queries, torch.from_numpy(centroids).to(device), settings.group_size, dtype=dtype)
     t1 = time.perf_counter()
     report = calibrate(gm, queries, keys, values, groups, tau, settings, device)

@@ -52,6 +52,7 @@ from pairfree.memory import host_rows
 
 
 SELECTS = ("lists", "groups")
+TAILS = ("sampled", "mean", "none")
 
 
 def faiss_available() -> bool:
@@ -80,12 +81,14 @@ class IVFSettings:
     # blocks give each list more queries per GEMM)
     cache_dir: str | None = None  # where partitions are kept (not part of the result's key)
     # select="groups": instead of scanning lists per query, each group of nearby queries (about
-    # `group_size`) shares the `rows` rows its mean scores highest, plus its mean's softmax tail
-    # (`pairfree.grouped`); `rows` is calibrated to `min_cosine` unless set
+    # `group_size`) shares one selection of `rows` rows from its mean's softmax (`pairfree.grouped`);
+    # `rows` is calibrated to `min_cosine` unless set. tail: "sampled" (the selection a priority
+    # sample: its best rows for sure, the rest by importance, each row weighted to stand for those
+    # not drawn), "mean" (the best rows, the rest as the mean's softmax tail) or "none"
     select: str = "lists"
     group_size: int = 512
     rows: int | None = None
-    tail: bool = True
+    tail: str = "sampled"
 
     def __post_init__(self) -> None:
         checks = {"lists": self.lists is None or self.lists >= 1, "probes": self.probes is None or self.probes >= 1,
@@ -94,11 +97,12 @@ class IVFSettings:
                   "exact_above": 0 < self.exact_above <= 1,
                   "sample": self.sample >= 2, "train_per_list": self.train_per_list >= 1, "iters": self.iters >= 1,
                   "query_block": self.query_block >= 1, "select": self.select in SELECTS,
-                  "group_size": self.group_size >= 1, "rows": self.rows is None or self.rows >= 1}
+                  "group_size": self.group_size >= 1, "rows": self.rows is None or self.rows >= 1,
+                  "tail": self.tail in TAILS}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"IVFSettings: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
-                             f"(select is one of {list(SELECTS)})")
+                             f"(select is one of {list(SELECTS)}, tail one of {list(TAILS)})")
         if self.select == "groups" and self.min_cosine is None and self.rows is None:
             raise ValueError("IVFSettings(select='groups') needs min_cosine (the calibration target, e.g. 0.999) "
                              "or rows: its error is not a dropped mass that max_dropped could bound")
