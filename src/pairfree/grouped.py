@@ -215,8 +215,13 @@ class GroupedMemory:
     def weights(self, q: torch.Tensor, kr: torch.Tensor, tau: float, out: torch.Tensor | None = None) -> torch.Tensor:
         """exp((q·k - max(q·kr[:SHIFT_ROWS])) / τ) for fp32 queries over rows `kr`, in the GEMM dtype,
         unnormalised."""
-        shift = (q @ kr[:SHIFT_ROWS].float().T).amax(1, keepdim=True) / tau
-        return torch.addmm(shift.to(self.dtype), (q / tau).to(self.dtype), kr.T, beta=-1, out=out).exp_()
+        return self.shifted_scores(q, kr[:SHIFT_ROWS], kr, tau, out).exp_()
+
+    def shifted_scores(self, q: torch.Tensor, best: torch.Tensor, kr: torch.Tensor, tau: float,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """(q·k - max(q·best)) / τ over rows `kr`, the shift inside the GEMM (in the GEMM dtype)."""
+        shift = (q @ best.float().T).amax(1, keepdim=True) / tau
+        return torch.addmm(shift.to(self.dtype), (q / tau).to(self.dtype), kr.T, beta=-1, out=out)
 
     def _softmax(self, q: torch.Tensor, kr: torch.Tensor, tau: float, log_factors: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -231,13 +236,16 @@ class GroupedMemory:
         unit means). 64 groups per batch: the means' score GEMM with fewer rows is bound by reading the
         memory, not by the GEMM rate. A group's noise offset comes from its first query's index (the
         same group, the same draw)."""
-        m = self.keys.shape[0]
         for s in range(0, len(groups), batch):
             batch_groups = groups[s : s + batch]
             qs = [torch.from_numpy(host_rows(queries, g)).to(self.device) for g in batch_groups]
             means = torch.nn.functional.normalize(torch.stack([q.mean(0) for q in qs]), dim=1)
-            offsets = torch.tensor([(int(g[0]) * 2654435761 + self.seed) % m for g in batch_groups])
+            offsets = torch.tensor([self.offset(g) for g in batch_groups])
             yield s, qs, self.selections(means, rows, tau, tail, ordered, offsets)
+
+    def offset(self, group: np.ndarray) -> int:
+        """The rotation of the noise for a group (multiplicative hashing of its first query's index)."""
+        return (int(group[0]) * 2654435761 + self.seed) % self.keys.shape[0]
 
     def aggregate(self, queries, groups: Sequence[np.ndarray], rows: int, tau: float, tail: str = "sampled",
                   batch: int = 64, sink=None, score: Sequence[np.ndarray] | None = None) -> int:
@@ -325,17 +333,18 @@ class KeptSelections:
     directly, as `GroupedMemory.group`."""
 
     def __init__(self, gm: GroupedMemory, queries, groups: Sequence[np.ndarray], members: Sequence[np.ndarray],
-                 rows: int, tau: float, tail: str, blocks: int = 128, batch: int = 64):
+                 rows: int, tau: float, tail: str, blocks: int | None = None, batch: int = 64):
         self.gm, self.tau, self.tail = gm, tau, tail
         self.rows = min(rows, gm.keys.shape[0])
-        self.block = max(1, self.rows // blocks)
+        # sampled block sums cost a GEMM per block (64: ~70 s for 1000 sample queries over 65,536 rows of
+        # a two-value paper-scale hop); prefix sums cost the same for any number of blocks
+        self.block = max(1, self.rows // (blocks or (64 if tail == "sampled" else 128)))
         index_dtype = torch.int32 if gm.keys.shape[0] < 2**31 else torch.int64  # half the memory kept
         self.ids: list[np.ndarray] = []
         self.q: list[torch.Tensor] = []
         self.top: list[torch.Tensor] = []
         self.tails: list = []
         self.sums: list = []
-        m = gm.keys.shape[0]
         for s, qs, (top, tails) in gm.passes(queries, groups, self.rows, tau, tail, batch, ordered=True):
             for j, (g, q) in enumerate(zip(groups[s : s + batch], qs)):
                 keep = np.isin(g, members[s + j])
@@ -344,8 +353,9 @@ class KeptSelections:
                 self.q.append(q)
                 self.top.append(top[j].to(index_dtype))
                 if tail == "sampled":  # the keys, and the scores (keys less the group's noise)
-                    o = (int(g[0]) * 2654435761 + gm.seed) % m
-                    self.tails.append((tails[j], tails[j][:-1] - gm._noise()[(top[j] + o) % m]))
+                    score = tails[j][:-1] - gm._noise()[(top[j] + gm.offset(g)) % gm.keys.shape[0]]
+                    self.tails.append((tails[j], score))
+                    self.sums.append(self._sampled_sums(q, top[j], tails[j], score))
                 else:
                     t = _tail_of(tails, j)
                     self.tails.append(t)
@@ -371,11 +381,35 @@ class KeptSelections:
                 t_sums.append(_prefix(torch.bmm(wt.to(gm.dtype).view(nb, 1, b), vb)[:, 0].float()))
         return q_mass, q_sums, t_mass, t_sums
 
+    def _sampled_sums(self, q: torch.Tensor, top: torch.Tensor, keys: torch.Tensor, score: torch.Tensor):
+        """Sampled: per trial on the block grid (the first k blocks of rows), the queries' masses
+        (blocks + 1, n) and weighted sums per value (blocks + 1, n, dv), each row weighted by its factor
+        at that trial (they change with the key left out, so these are not prefix sums: one GEMM of
+        blocks x n weight rows against the kept rows, bf16 weights and fp32 sums as `group`)."""
+        gm, b = self.gm, self.block
+        nb = self.rows // b
+        sel = top[: nb * b]
+        kr = gm._rows(gm.keys, sel, "keys")
+        # shifted as `GroupedMemory.group` shifts (by the best over the mean's 16 best rows, inside the GEMM)
+        best = kr[score[: nb * b].topk(min(SHIFT_ROWS, nb * b)).indices]
+        s = gm.shifted_scores(q, best, kr, self.tau).float()
+        ends = b * torch.arange(1, nb + 1, device=s.device)
+        log_f = (keys[ends][:, None] - score[None, : nb * b]).clamp_min_(0)
+        log_f.masked_fill_(torch.arange(nb * b, device=s.device)[None] >= ends[:, None], -math.inf)
+        w = (s[:, None] + log_f[None]).exp_()  # (n, blocks, rows)
+        zero = torch.zeros(1, len(q), device=s.device)
+        q_mass = torch.cat([zero, w.sum(2).T])
+        wd = w.view(-1, nb * b).to(gm.dtype)
+        q_sums = []
+        for i in range(len(gm.values)):
+            vr = kr if gm.values[i] is None else gm._rows(gm.values[i], sel, "values")
+            h = (wd @ vr).float().view(len(q), nb, -1).transpose(0, 1)
+            q_sums.append(torch.cat([torch.zeros_like(h[:1]), h]))
+        return q_mass, q_sums, None, None
+
     def results(self, j: int, rows: int) -> list[torch.Tensor] | None:
-        """Group j's sample queries' results at `rows` from the prefix sums; None where they cannot
-        give them (sampled, off the block grid, or weights that overflow or vanish)."""
-        if self.tail == "sampled":
-            return None
+        """Group j's sample queries' results at `rows` from the block sums; None where they cannot
+        give them (off the block grid, or weights that overflow or vanish)."""
         q_mass, q_sums, t_mass, t_sums = self.sums[j]
         k, off = divmod(rows, self.block)
         if off or not 0 < k < len(q_mass):
