@@ -19,7 +19,8 @@ share one selection, as in clustered attention (Vyas et al., 2020):
      max(1, z / w) rows of its weight (z the first key left out), so every query's weighted sums
      and mass over the selection are unbiased estimates of its own over the whole memory. At τ = 0.01
      a fifth of a paper-scale mean's softmax mass lies beyond its 16k best rows, spread over millions;
-     sampled, it takes 3-4x fewer rows than the mean's tail for cosine 0.999 (README).
+     sampled, it takes 1.4-2.6x fewer rows than the mean's tail for cosine 0.999, at a wider spread
+     over queries (README).
    - "mean": the best rows, and the mean's own softmax outside them, as a weighted sum and a mass
      relative to the selection's ("improved clustered attention"): out = (softmax average over the
      selection + tail_vector) / (1 + tail_mass). A group of one query is then exact for any `rows`.
@@ -111,15 +112,15 @@ class GroupedMemory:
         """For unit group means (B, d): each mean's selection of `rows` rows (B, R; the `SHIFT_ROWS` best
         by score first) and what `group` needs for its tail:
 
-        - "sampled": the rows of largest priority key (score + the group's Exp(1) noise, `noise`), and
-          per row the log of its Horvitz-Thompson factor max(1, z / w) (B, R), z the next key;
+        - "sampled": the rows of largest priority key (score + the group's Exp(1) noise, `_sampled`),
+          and per row the log of its Horvitz-Thompson factor max(1, z / w) (B, R), z the next key;
         - "mean": the best rows, their softmax weights (B, R), the weighted sums over the whole memory per
           value (B, dv) and the whole mass (B,), shifted by each mean's best score;
         - "none": the best rows only.
 
         `ordered`: rows in descending key (or score) order, so a selection of fewer rows is a prefix
-        (with "sampled", R + 1 rows, the last one only for its key, and the keys (B, R + 1) instead of
-        factors). Scores and weights are written into buffers kept across batches."""
+        (with "sampled", the keys (B, R + 1: the last is the first key left out) instead of factors).
+        Scores and weights are written into buffers kept across batches."""
         dt, b, m = self.dtype, len(means), self.keys.shape[0]
         raw = torch.mm(means.to(dt), self.keys.T, out=self._buffer("mean_scores", b, m))
         s = raw if dt == torch.float32 else self._buffer("mean_scores_fp32", b, m, dtype=torch.float32).copy_(raw)
@@ -325,12 +326,12 @@ class KeptSelections:
 
     Each group's selection is kept at `rows` rows in descending score (or, sampled, key) order, so
     every smaller selection is a prefix of it (a mean's best r rows are the first r of its best R).
-    Sampled, each trial scores its prefix directly, its factors from the next key: no means' pass per
-    trial. Otherwise, over those rows, in `blocks` blocks, the sample queries' weights and weighted
-    sums, and the mean's (for the tail), are summed and accumulated: a trial at a multiple of the
-    block size reads its results from these prefix sums instead of scoring its rows again (a dozen
-    trials cost one pass). Other row counts, and queries whose weights overflow, are computed
-    directly, as `GroupedMemory.group`."""
+    Over those rows, in `blocks` blocks, the sample queries' weights and weighted sums, and the mean's
+    (for the tail), are summed and accumulated; sampled, each row's factor changes with the key left
+    out, so the sums are taken per trial instead (`_sampled_sums`). A trial at a multiple of the block
+    size reads its results from these sums instead of scoring its rows again (a dozen trials cost one
+    pass). Other row counts, and queries whose weights overflow, are computed directly, as
+    `GroupedMemory.group`."""
 
     def __init__(self, gm: GroupedMemory, queries, groups: Sequence[np.ndarray], members: Sequence[np.ndarray],
                  rows: int, tau: float, tail: str, blocks: int | None = None, batch: int = 64):
