@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pairfree.grouped import GroupedMemory, KeptSelections, _members, _sample_cosines, choose_rows, query_groups
+from pairfree.grouped import (Check, GroupedMemory, KeptSelections, _members, _sample_cosines, choose_rows,
+                              query_groups)
 from pairfree.ivf import IVFSettings
 from pairfree.memory import aggregate, aggregate_dense
 from pf_testing import clustered, unit
@@ -96,6 +97,52 @@ def test_query_groups_partition_the_queries_and_split_large_groups(world):
     assert max(map(len, split)) < max(map(len, whole))
 
 
+def test_the_check_read_from_the_run_equals_a_pass_of_its_own(world, rng):
+    """The report's cosines come from the run's own pass: the same as scoring the check queries alone."""
+    q, k = world["q"], world["k"]
+    gm = GroupedMemory(k, [k], torch.device("cpu"))
+    groups = query_groups(q, torch.from_numpy(unit(np.random.default_rng(3), 8, q.shape[1])), size=64)
+    ids = np.sort(rng.choice(len(q), 200, replace=False))
+    exact = [torch.from_numpy(aggregate_dense(q[ids], k))]
+    alone, in_run = Check(ids, exact), Check(ids, exact)
+    alone.run(gm, q, groups, 256, 0.01, "sampled")
+    gm.aggregate(q, groups, 256, 0.01, "sampled", sink=in_run.sink)
+    np.testing.assert_allclose(in_run.cosines(), alone.cosines(), atol=1e-6)
+    assert alone.cosines().min() < 0.99  # 256 of 6000 rows: an approximation, and measured as one
+    with pytest.raises(RuntimeError, match="200 of the 200 check queries were not computed"):
+        Check(ids, exact).summary()
+
+
+@pytest.mark.parametrize("share", [0.3, 1.0])
+def test_regroup_moves_the_farthest_queries_to_the_nearest_mean(world, share):
+    """The `share` of queries of lowest cosine to their group's unit mean (computed directly here) move to
+    the group of nearest mean, the others stay; one k-means step, so the mean cosine of the queries to
+    their group's mean rises."""
+    q = world["q"]
+    cent = torch.from_numpy(unit(np.random.default_rng(3), 4, q.shape[1]))
+    before = query_groups(q, cent, size=100, regroup=0)
+    after = query_groups(q, cent, size=100, regroup=share)
+    x = torch.from_numpy(q).float()
+
+    def cosines(groups):
+        means = torch.nn.functional.normalize(torch.stack([x[g].sum(0) for g in groups]), dim=1)
+        at = np.empty(len(q), dtype=np.int64)
+        for j, g in enumerate(groups):
+            at[g] = j
+        return means, at, (x * means[at]).sum(1)
+
+    means, at, cos = cosines(before)
+    far = (cos <= torch.quantile(cos, share)).numpy()
+    assert 0.25 * len(q) < far.sum() <= share * len(q) + 1
+    want = np.where(far, (x @ means.T).argmax(1).numpy(), at)
+    expected = [np.flatnonzero(want == j) for j in range(len(before)) if (want == j).any()]
+    assert len(after) == len(expected)
+    for got, exp in zip(after, expected):
+        np.testing.assert_array_equal(got, exp)
+    assert (want != at).sum() > 0.05 * len(q)  # the step moved queries, and it helped
+    assert cosines(after)[2].mean() > cos.mean() + 1e-3
+
+
 @pytest.mark.parametrize("tail", ["sampled", "mean"])
 def test_calibrated_rows_meet_the_target_and_the_report_tells_the_truth(rng, tail):
     """On a clustered world (50 clusters, τ = 0.05), 0.999 is reached selecting at most a quarter of the
@@ -172,7 +219,10 @@ def test_settings_say_what_select_groups_needs(world):
     with pytest.raises(ValueError, match="select"):
         IVFSettings(select="rows")
     # the lists' cache keys are unchanged by the group fields; the groups' keys carry them
-    assert "group_size" not in IVFSettings().key() and "group_size" in IVFSettings(select="groups", rows=8).key()
+    for field in ("group_size", "regroup"):
+        assert field not in IVFSettings().key() and field in IVFSettings(select="groups", rows=8).key()
+    with pytest.raises(ValueError, match="regroup=1.5"):
+        IVFSettings(select="groups", rows=8, regroup=1.5)
 
 
 def test_buffers_reused_across_groups_leave_no_trace(world):

@@ -84,9 +84,11 @@ class IVFSettings:
     # `group_size`) shares one selection of `rows` rows from its mean's softmax (`pairfree.grouped`);
     # `rows` is calibrated to `min_cosine` unless set. tail: "sampled" (the selection a priority
     # sample: its best rows for sure, the rest by importance, each row weighted to stand for those
-    # not drawn), "mean" (the best rows, the rest as the mean's softmax tail) or "none"
+    # not drawn), "mean" (the best rows, the rest as the mean's softmax tail) or "none". regroup: the
+    # share of queries farthest from their group's mean moved to the nearest mean of all groups
     select: str = "lists"
-    group_size: int = 512
+    group_size: int = 1024
+    regroup: float = 0.3
     rows: int | None = None
     tail: str = "sampled"
 
@@ -97,8 +99,8 @@ class IVFSettings:
                   "exact_above": 0 < self.exact_above <= 1,
                   "sample": self.sample >= 2, "train_per_list": self.train_per_list >= 1, "iters": self.iters >= 1,
                   "query_block": self.query_block >= 1, "select": self.select in SELECTS,
-                  "group_size": self.group_size >= 1, "rows": self.rows is None or self.rows >= 1,
-                  "tail": self.tail in TAILS}
+                  "group_size": self.group_size >= 1, "regroup": 0 <= self.regroup <= 1,
+                  "rows": self.rows is None or self.rows >= 1, "tail": self.tail in TAILS}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"IVFSettings: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
@@ -109,7 +111,8 @@ class IVFSettings:
 
     def key(self) -> str:
         """The settings that change the result, as a stable string (for cache keys)."""
-        skip = {"query_block", "cache_dir"} | ({"select", "group_size", "rows", "tail"} if self.select == "lists" else set())
+        groups_only = {"select", "group_size", "regroup", "rows", "tail"}
+        skip = {"query_block", "cache_dir"} | (groups_only if self.select == "lists" else set())
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         return json.dumps(fields, sort_keys=True)
 
