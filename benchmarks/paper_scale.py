@@ -24,7 +24,8 @@ Stages, each in its own subprocess (so each peak memory is its own):
 - groups: per hop, one row selection per group of nearby queries (`IVFSettings(select="groups")`) in
   bf16 at mean cosine 0.999: rows calibrated and measured as above, throughput timed on whole groups
   holding --groups-share of the queries, projected with the grouping and calibration time added
-  (51 min for the four hops: 6-7 min on the first two, 19-20 on the two-value hops);
+  (17 min for the four hops: ~3 min on the first two, ~5.5 on the two-value hops; the check, in a pass
+  of its own here, is timed apart and not projected: a run reads it from its own pass);
 - train: Ex-MCR training on a 5.41M-tuple pool (memory-mapped float16, gathered per batch; memory
   rows stand in for the aggregated roles) at batch 4096, fp32 and bf16 autocast, for --train-steps
   steps; FLOPs per step counted by torch's FlopCounterMode, as a ratio to the best GEMM rate of the
