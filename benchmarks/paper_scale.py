@@ -22,10 +22,11 @@ Stages, each in its own subprocess (so each peak memory is its own):
   run (selection not counted): how far IVF is from the rows that matter, and a floor for any method
   that scores a subset of the rows chosen by weight;
 - groups: per hop, one row selection per group of nearby queries (`IVFSettings(select="groups")`) in
-  bf16 at mean cosine 0.999: rows calibrated and measured as above, throughput timed on whole groups
-  holding --groups-share of the queries, projected with the grouping and calibration time added
-  (17 min for the four hops: ~3 min on the first two, ~5.5 on the two-value hops; the check, in a pass
-  of its own here, is timed apart and not projected: a run reads it from its own pass);
+  bf16 at mean cosine 0.999: rows calibrated on 1000 queries against bf16 exact and measured on the
+  other --sample - 1000 against fp32 exact, throughput timed on whole groups holding --groups-share of
+  the queries, projected with the grouping and calibration time added (--hops and --group-size run a
+  subset or another group size). The check is a measurement: its fp32 reference, and its pass (a run
+  reads it from its own), are timed apart; the totals are given without and with its reference;
 - train: Ex-MCR training on a 5.41M-tuple pool (memory-mapped float16, gathered per batch; memory
   rows stand in for the aggregated roles) at batch 4096, fp32 and bf16 autocast, for --train-steps
   steps; FLOPs per step counted by torch's FlopCounterMode, as a ratio to the best GEMM rate of the
@@ -323,9 +324,9 @@ def stage_bound(args) -> dict:
 def stage_groups(args) -> dict:
     """Per hop, `IVFSettings(select="groups")` in bf16 at mean cosine >= 0.999 (`pairfree.grouped`): all
     queries grouped (timed), `rows` calibrated on 1000 sample queries against exact and measured on the
-    rest (in a pass of their own, timed apart: a run reads them from its own pass), throughput timed on
-    whole groups (the means' pass included) holding `--groups-share` of the queries, projected to the
-    hop's queries plus the grouping and calibration time."""
+    rest (their fp32 reference and a pass of their own timed apart: a run reads them from its own pass),
+    throughput timed on whole groups (the means' pass included) holding `--groups-share` of the queries,
+    projected to the hop's queries plus the grouping and calibration time."""
     import numpy as np
     import torch
 
@@ -338,7 +339,10 @@ def stage_groups(args) -> dict:
     out = {}
     for name, queries, keys, values in hop_arrays(w):
         n, m = queries.shape[0], keys.shape[0]
-        settings = IVFSettings(select="groups", min_cosine=0.999, sample=args.sample, cache_dir=str(Path(args.cache)))
+        if args.hops and name not in [HOPS[int(i)][0] for i in args.hops.split(",")]:
+            continue
+        settings = IVFSettings(select="groups", min_cosine=0.999, sample=args.sample, cache_dir=str(Path(args.cache)),
+                               **({"group_size": args.group_size} if args.group_size else {}))
         part = cached_partition(keys, settings.n_lists(m), settings, dev)
         t0 = time.perf_counter()
         gm = GroupedMemory(keys, values, dev, dt, seed=settings.seed)
@@ -359,20 +363,26 @@ def stage_groups(args) -> dict:
             timed.append(groups[i])
             held += len(groups[i])
         t = _timed(lambda: gm.aggregate(queries, timed, rep["rows"], tau, settings.tail))
+        check_ref = rep["seconds"]["check_reference"]
         hop = {"queries": n, "memory": m, "values": len(values), **rep,
-               "grouping_s": round(t1 - t0, 1), "calibration_s": round(t2 - t1, 1), "check_s": round(check_s, 1),
+               "grouping_s": round(t1 - t0, 1), "calibration_s": round(t2 - t1 - check_ref, 1),
+               "check_reference_s": round(check_ref, 1), "check_s": round(check_s, 1),
                "timed_queries": held, "q_per_s": round(held / t, 1),
-               "projected_s": round(n * t / held + (t2 - t0))}
+               "projected_s": round(n * t / held + (t2 - t0) - check_ref)}
         print(f"{name} | groups bf16 cos>=0.999: rows {rep['rows']}, {rep['groups']} groups, cos "
               f"{rep['cosine_to_exact']['mean']:.5f} / p1 {rep['cosine_to_exact']['p1']:.4f}, "
               f"{hop['q_per_s']} q/s, grouping {hop['grouping_s']} s, calibration {hop['calibration_s']} s "
-              f"(check {hop['check_s']} s, not projected), "
+              f"(check: fp32 reference {hop['check_reference_s']} s, pass {hop['check_s']} s, not projected), "
               f"projected {hop['projected_s']} s", flush=True)
         out[name] = hop
         gm = None
     queries = {h: out[h]["queries"] for h in out}
-    return {"hops": out, "projected": {"groups bf16 cos>=0.999": _leaf_total(
-        {h: out[h]["projected_s"] for h in out}, queries)}}
+    if len(out) < len(HOPS):
+        return {"hops": out}
+    return {"hops": out, "projected": {
+        "groups bf16 cos>=0.999": _leaf_total({h: out[h]["projected_s"] for h in out}, queries),
+        f"the same with its {args.sample - 1000}-query check": _leaf_total(
+            {h: out[h]["projected_s"] + out[h]["check_reference_s"] for h in out}, queries)}}
 
 
 def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
@@ -498,14 +508,17 @@ def tables(summary: dict) -> str:
     grp = summary.get("groups")
     if grp:
         lines += ["| hop (queries x memory) | rows / groups | work vs exact | cos to exact mean / p1 / min | "
-                  "queries/s | grouping + calibration s | projected hop h |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "queries/s | grouping + calibration s (check's reference) | projected hop h |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for hop, h in grp["hops"].items():
             c = h["cosine_to_exact"]
             lines.append(f"| {hop} ({h['queries']:,} x {h['memory']:,}) | {h['rows']:,} / {h['groups']:,} | "
                          f"{100 * h['rows_scanned_per_query'] / h['memory']:.1f} % | {c['mean']:.5f} / {c['p1']:.4f} / "
-                         f"{c['min']:.4f} | {h['q_per_s']:,} | {h['grouping_s']} + {h['calibration_s']} | "
+                         f"{c['min']:.4f} | {h['q_per_s']:,} | {h['grouping_s']} + {h['calibration_s']} "
+                         f"({h.get('check_reference_s', '-')}) | "
                          f"{h['projected_s'] / 3600:.2f} |")
-        lines += _totals_table("setting", grp["projected"])
+        if "projected" in grp:
+            lines += _totals_table("setting", grp["projected"])
     stage_rows = []
     for stage in STAGES:
         r = summary.get(stage)
@@ -537,6 +550,8 @@ def main() -> None:
     p.add_argument("--bound-max-rows", type=int, default=65536, help="largest top-k the bound follows")
     p.add_argument("--groups-share", type=float, default=0.04,
                    help="share of a hop's queries (whole groups) timed by the groups stage")
+    p.add_argument("--hops", default=None, help="groups stage: only these hops (indices into HOPS, e.g. 0,3)")
+    p.add_argument("--group-size", type=int, default=None, help="groups stage: IVFSettings.group_size (default its own)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default=None, help="pseudo-data cache (default: next to the world)")
     p.add_argument("--out", default="runs/bench/paper_scale")
