@@ -69,7 +69,7 @@ class TrainConfig:
                                                   "bound, the mean cosine to exact the probes must reach (e.g. 0.999)")
     aggregation_select: str = option("lists", choices=("lists", "groups"), doc="aggregation='ivf': scan the "
                                      "nearest lists per query, or share one row selection per group of nearby "
-                                     "queries (needs aggregation_min_cosine; 7.9x faster than lists at 0.999 at paper scale)")
+                                     "queries (needs aggregation_min_cosine; 10x faster than lists at 0.999 at paper scale)")
     aggregation_backend: str = option("local", choices=("local", "ray"), doc="run the aggregation here or as "
                                       "Ray tasks over query shards (RAY_ADDRESS, else a local Ray)")
     pseudo_pairs: str = option("aggregate", choices=("aggregate", "retrieve"), doc="pseudo partners: the "
