@@ -1,6 +1,6 @@
 """Paper scale on this machine: the papers' corpus sizes, their pseudo data and their training batch.
 
-    python benchmarks/paper_scale.py [--world DIR] [--preset paper|mini] [--stages world,exact,aggregation,bound,groups,train]
+    python benchmarks/paper_scale.py [--world DIR] [--preset paper|mini] [--stages world,exact,aggregation,bound,groups,second,train]
                                      [--sample 3000] [--train-steps 150] [--out runs/bench/paper_scale]
 
 Stages, each in its own subprocess (so each peak memory is its own):
@@ -27,6 +27,10 @@ Stages, each in its own subprocess (so each peak memory is its own):
   the queries, projected with the grouping and calibration time added (--hops and --group-size run a
   subset or another group size). The check is a measurement: its fp32 reference, and its pass (a run
   reads it from its own), are timed apart; the totals are given without and with its reference;
+- second: the leaf and base passes' second hops measured where the groups stage projects them: their
+  first hop run in full (`aggregate(..., method="ivf")`, groups, bf16, cos 0.999), its aggregated second
+  value (clip text from clap audio, clap text from clip image) then the queries of the second hop,
+  measured as in the groups stage (--hops 2 and/or 3 pick the passes);
 - train: Ex-MCR training on a 5.41M-tuple pool (memory-mapped float16, gathered per batch; memory
   rows stand in for the aggregated roles) at batch 4096, fp32 and bf16 autocast, for --train-steps
   steps; FLOPs per step counted by torch's FlopCounterMode, as a ratio to the best GEMM rate of the
@@ -48,7 +52,7 @@ import threading
 import time
 from pathlib import Path
 
-STAGES = ("world", "exact", "aggregation", "bound", "groups", "train")
+STAGES = ("world", "exact", "aggregation", "bound", "groups", "second", "train")
 
 
 class PeakMemory:
@@ -321,61 +325,73 @@ def stage_bound(args) -> dict:
     return {"hops": out, "gemm_gflops": {p: round(r, 1) for p, r in rates.items()}, "projected": projected}
 
 
+def _groups_settings(args):
+    from pairfree.ivf import IVFSettings
+
+    return IVFSettings(select="groups", min_cosine=0.999, sample=args.sample, cache_dir=str(Path(args.cache)),
+                       **({"group_size": args.group_size} if args.group_size else {}))
+
+
+def _groups_hop(name: str, queries, keys, values: list, args) -> dict:
+    """One hop as stage `groups` measures it (see there)."""
+    import numpy as np
+    import torch
+
+    from pairfree.grouped import GroupedMemory, calibrate, query_groups
+    from pairfree.ivf import cached_partition
+
+    dev, tau, dt = torch.device("cpu"), 0.01, torch.bfloat16
+    n, m = queries.shape[0], keys.shape[0]
+    settings = _groups_settings(args)
+    part = cached_partition(keys, settings.n_lists(m), settings, dev)
+    t0 = time.perf_counter()
+    gm = GroupedMemory(keys, values, dev, dt, seed=settings.seed)
+    groups = query_groups(queries, torch.from_numpy(part.centroids), settings.group_size, dtype=dt,
+                          regroup=settings.regroup)
+    t1 = time.perf_counter()
+    rep, check = calibrate(gm, queries, keys, values, groups, tau, settings, dev)
+    t2 = time.perf_counter()
+    # a run reads the check's results from its own pass; here only a share of it runs, so the check
+    # gets a pass of its own, timed apart and not projected
+    check_s = _timed(lambda: check.run(gm, queries, groups, rep["rows"], tau, settings.tail))
+    rep["cosine_to_exact"] = check.summary()
+    rng = np.random.default_rng(0)
+    timed, held = [], 0
+    for i in rng.permutation(len(groups)):
+        if held >= args.groups_share * n:
+            break
+        timed.append(groups[i])
+        held += len(groups[i])
+    t = _timed(lambda: gm.aggregate(queries, timed, rep["rows"], tau, settings.tail))
+    check_ref = rep["seconds"]["check_reference"]
+    hop = {"queries": n, "memory": m, "values": len(values), **rep,
+           "grouping_s": round(t1 - t0, 1), "calibration_s": round(t2 - t1 - check_ref, 1),
+           "check_reference_s": round(check_ref, 1), "check_s": round(check_s, 1),
+           "timed_queries": held, "q_per_s": round(held / t, 1),
+           "projected_s": round(n * t / held + (t2 - t0) - check_ref)}
+    print(f"{name} | groups bf16 cos>=0.999: rows {rep['rows']}, {rep['groups']} groups, cos "
+          f"{rep['cosine_to_exact']['mean']:.5f} / p1 {rep['cosine_to_exact']['p1']:.4f}, "
+          f"{hop['q_per_s']} q/s, grouping {hop['grouping_s']} s, calibration {hop['calibration_s']} s "
+          f"(check: fp32 reference {hop['check_reference_s']} s, pass {hop['check_s']} s, not projected), "
+          f"projected {hop['projected_s']} s", flush=True)
+    return hop
+
+
+def _chosen(args, i: int) -> bool:
+    return not args.hops or str(i) in args.hops.split(",")
+
+
 def stage_groups(args) -> dict:
     """Per hop, `IVFSettings(select="groups")` in bf16 at mean cosine >= 0.999 (`pairfree.grouped`): all
     queries grouped (timed), `rows` calibrated on 1000 sample queries against exact and measured on the
     rest (their fp32 reference and a pass of their own timed apart: a run reads them from its own pass),
     throughput timed on whole groups (the means' pass included) holding `--groups-share` of the queries,
     projected to the hop's queries plus the grouping and calibration time."""
-    import numpy as np
-    import torch
-
-    from pairfree.grouped import GroupedMemory, calibrate, query_groups
-    from pairfree.ivf import IVFSettings, cached_partition
     from pairfree.toy.scale import load
 
     w = load(args.world)
-    dev, tau, dt = torch.device("cpu"), 0.01, torch.bfloat16
-    out = {}
-    for name, queries, keys, values in hop_arrays(w):
-        n, m = queries.shape[0], keys.shape[0]
-        if args.hops and name not in [HOPS[int(i)][0] for i in args.hops.split(",")]:
-            continue
-        settings = IVFSettings(select="groups", min_cosine=0.999, sample=args.sample, cache_dir=str(Path(args.cache)),
-                               **({"group_size": args.group_size} if args.group_size else {}))
-        part = cached_partition(keys, settings.n_lists(m), settings, dev)
-        t0 = time.perf_counter()
-        gm = GroupedMemory(keys, values, dev, dt, seed=settings.seed)
-        groups = query_groups(queries, torch.from_numpy(part.centroids), settings.group_size, dtype=dt,
-                              regroup=settings.regroup)
-        t1 = time.perf_counter()
-        rep, check = calibrate(gm, queries, keys, values, groups, tau, settings, dev)
-        t2 = time.perf_counter()
-        # a run reads the check's results from its own pass; here only a share of it runs, so the check
-        # gets a pass of its own, timed apart and not projected
-        check_s = _timed(lambda: check.run(gm, queries, groups, rep["rows"], tau, settings.tail))
-        rep["cosine_to_exact"] = check.summary()
-        rng = np.random.default_rng(0)
-        timed, held = [], 0
-        for i in rng.permutation(len(groups)):
-            if held >= args.groups_share * n:
-                break
-            timed.append(groups[i])
-            held += len(groups[i])
-        t = _timed(lambda: gm.aggregate(queries, timed, rep["rows"], tau, settings.tail))
-        check_ref = rep["seconds"]["check_reference"]
-        hop = {"queries": n, "memory": m, "values": len(values), **rep,
-               "grouping_s": round(t1 - t0, 1), "calibration_s": round(t2 - t1 - check_ref, 1),
-               "check_reference_s": round(check_ref, 1), "check_s": round(check_s, 1),
-               "timed_queries": held, "q_per_s": round(held / t, 1),
-               "projected_s": round(n * t / held + (t2 - t0) - check_ref)}
-        print(f"{name} | groups bf16 cos>=0.999: rows {rep['rows']}, {rep['groups']} groups, cos "
-              f"{rep['cosine_to_exact']['mean']:.5f} / p1 {rep['cosine_to_exact']['p1']:.4f}, "
-              f"{hop['q_per_s']} q/s, grouping {hop['grouping_s']} s, calibration {hop['calibration_s']} s "
-              f"(check: fp32 reference {hop['check_reference_s']} s, pass {hop['check_s']} s, not projected), "
-              f"projected {hop['projected_s']} s", flush=True)
-        out[name] = hop
-        gm = None
+    out = {name: _groups_hop(name, queries, keys, values, args)
+           for i, (name, queries, keys, values) in enumerate(hop_arrays(w)) if _chosen(args, i)}
     queries = {h: out[h]["queries"] for h in out}
     if len(out) < len(HOPS):
         return {"hops": out}
@@ -383,6 +399,45 @@ def stage_groups(args) -> dict:
         "groups bf16 cos>=0.999": _leaf_total({h: out[h]["projected_s"] for h in out}, queries),
         f"the same with its {args.sample - 1000}-query check": _leaf_total(
             {h: out[h]["projected_s"] + out[h]["check_reference_s"] for h in out}, queries)}}
+
+
+#: the leaf and base passes' second hops: (first hop's index in HOPS, the value whose aggregates become the
+#: queries, the memory they query, the hop in HOPS whose per-query cost the leaf total projects for it)
+SECOND_HOPS = ((2, 1, ("clip", "image"), 0), (3, 1, ("clap", "audio"), 1))
+
+
+def stage_second(args) -> dict:
+    """The leaf and base passes' second hops measured, where the groups stage projects them: the first hop
+    run in full as a run would (`pf.aggregate(..., method="ivf")` with `select="groups"`, bf16, cos 0.999;
+    its outputs float16 in RAM), then its aggregated second value (clip text from clap audio, clap text
+    from clip image) as the queries of the second hop, measured as in stage `groups`."""
+    import numpy as np
+
+    from pairfree.memory import aggregate
+    from pairfree.toy.scale import load
+
+    w = load(args.world)
+    hops = list(hop_arrays(w))
+    out = {}
+    for first, vi, (space, modality), like in SECOND_HOPS:
+        if not _chosen(args, first):
+            continue
+        name, queries, keys, values = hops[first]
+        outs = [np.empty((queries.shape[0], v.shape[1]), np.float16) for v in values]
+        rep: dict = {}
+        t0 = time.perf_counter()
+        aggregate(queries, keys, values, tau=0.01, method="ivf", dtype="bfloat16", ivf=_groups_settings(args),
+                  out=outs, report=rep, progress=name)
+        first_s = time.perf_counter() - t0
+        print(f"{name}, run in full: {first_s:.0f} s, rows {rep['rows']}, cos {rep['cosine_to_exact']}", flush=True)
+        memory = w["spaces"][space][modality]
+        second = f"{HOPS[first][3][0]} {HOPS[first][3][1]} aggregated from {name.split(' ->')[0]} -> {space} {modality}"
+        hop = _groups_hop(second, outs[vi], memory, [memory], args)
+        out[second] = {**hop, "first_hop": name, "first_hop_run_s": round(first_s, 1),
+                       "first_hop_report": {k: rep[k] for k in ("rows", "groups", "cosine_to_exact", "seconds")},
+                       "projected_as": HOPS[like][0]}
+        outs = None
+    return {"hops": out}
 
 
 def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
@@ -444,7 +499,7 @@ def run_stage(name: str, args) -> dict:
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         result = {"world": stage_world, "exact": stage_exact, "aggregation": stage_aggregation, "bound": stage_bound, "groups": stage_groups,
-                  "train": stage_train}[name](args)
+                  "second": stage_second, "train": stage_train}[name](args)
     result.update({"stage": name, "wall_s": round(time.perf_counter() - t0, 1), **mem.summary(),
                    "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")})
     return result
@@ -519,6 +574,19 @@ def tables(summary: dict) -> str:
                          f"{h['projected_s'] / 3600:.2f} |")
         if "projected" in grp:
             lines += _totals_table("setting", grp["projected"])
+    sec = summary.get("second")
+    if sec:
+        lines += ["", "| second hop (queries x memory) | first hop in full | rows / groups | cos to exact mean / p1 / min | "
+                  "queries/s | grouping + calibration s | measured | projected from the first hops |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for hop, h in sec["hops"].items():
+            c, like = h["cosine_to_exact"], (grp or {}).get("hops", {}).get(h["projected_as"])
+            proj = f"{like['projected_s'] / like['queries'] * h['queries'] / 60:.1f} min" if like else "-"
+            lines.append(f"| {hop} ({h['queries']:,} x {h['memory']:,}) | {h['first_hop_run_s'] / 60:.1f} min | "
+                         f"{h['rows']:,} / {h['groups']:,} | {c['mean']:.5f} / {c['p1']:.4f} / {c['min']:.4f} | "
+                         f"{h['q_per_s']:,} | {h['grouping_s']} + {h['calibration_s']} | "
+                         f"{h['projected_s'] / 60:.1f} min | {proj} |")
+        lines.append("")
     stage_rows = []
     for stage in STAGES:
         r = summary.get(stage)
@@ -550,7 +618,7 @@ def main() -> None:
     p.add_argument("--bound-max-rows", type=int, default=65536, help="largest top-k the bound follows")
     p.add_argument("--groups-share", type=float, default=0.04,
                    help="share of a hop's queries (whole groups) timed by the groups stage")
-    p.add_argument("--hops", default=None, help="groups stage: only these hops (indices into HOPS, e.g. 0,3)")
+    p.add_argument("--hops", default=None, help="groups and second stages: only these hops (indices into HOPS, e.g. 0,3; second: 2 and/or 3)")
     p.add_argument("--group-size", type=int, default=None, help="groups stage: IVFSettings.group_size (default its own)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default=None, help="pseudo-data cache (default: next to the world)")
