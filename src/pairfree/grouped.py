@@ -242,8 +242,9 @@ class GroupedMemory:
         sampled = isinstance(tail, torch.Tensor)
         if sampled:
             w.mul_(tail.exp().to(dt))
-        # summed in fp32, rounded to the GEMM dtype (0.2-0.4 % in bf16, 8x faster than an fp32 result): one
-        # factor common to a query's outputs, each already rounded so by the value GEMM; directions unchanged
+        # summed in fp32, rounded to the GEMM dtype (up to 0.4 % in bf16; 8x faster than an fp32 result): a
+        # factor common to a query's outputs, each already rounded so by the value GEMM, so sampled and
+        # untailed directions do not change (with the mean's tail, the selection's share against it does)
         mass = w.sum(1).float()
         bad = ~torch.isfinite(mass) | (mass < 1e-30)
         if bad.any():
@@ -631,8 +632,8 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
 
     The calibration queries' exact reference is computed in the GEMM dtype (in bf16 its cosine to fp32 is
     >= 0.99999 at paper scale, README), the check's in float32: the cosines reported are to fp32 exact.
-    `report["seconds"]` times the two references and the choice apart (the check is a measurement: a
-    run without one would choose the same rows)."""
+    `report["seconds"]` times the choice (its reference included) and the check's reference apart (the
+    check is a measurement: a run without one would choose the same rows)."""
     from pairfree.memory import aggregate
 
     n, m = queries.shape[0], keys.shape[0]
