@@ -346,6 +346,7 @@ def _groups_hop(name: str, queries, keys, values: list, args) -> dict:
     part = cached_partition(keys, settings.n_lists(m), settings, dev)
     t0 = time.perf_counter()
     gm = GroupedMemory(keys, values, dev, dt, seed=settings.seed)
+    t_memory = time.perf_counter() - t0
     groups = query_groups(queries, torch.from_numpy(part.centroids), settings.group_size, dtype=dt,
                           regroup=settings.regroup)
     t1 = time.perf_counter()
@@ -365,13 +366,15 @@ def _groups_hop(name: str, queries, keys, values: list, args) -> dict:
     t = _timed(lambda: gm.aggregate(queries, timed, rep["rows"], tau, settings.tail))
     check_ref = rep["seconds"]["check_reference"]
     hop = {"queries": n, "memory": m, "values": len(values), **rep,
-           "grouping_s": round(t1 - t0, 1), "calibration_s": round(t2 - t1 - check_ref, 1),
+           "grouping_s": round(t1 - t0, 1), "memory_to_gemm_dtype_s": round(t_memory, 1),
+           "calibration_s": round(t2 - t1 - check_ref, 1),
            "check_reference_s": round(check_ref, 1), "check_s": round(check_s, 1),
            "timed_queries": held, "q_per_s": round(held / t, 1),
            "projected_s": round(n * t / held + (t2 - t0) - check_ref)}
     print(f"{name} | groups bf16 cos>=0.999: rows {rep['rows']}, {rep['groups']} groups, cos "
           f"{rep['cosine_to_exact']['mean']:.5f} / p1 {rep['cosine_to_exact']['p1']:.4f}, "
-          f"{hop['q_per_s']} q/s, grouping {hop['grouping_s']} s, calibration {hop['calibration_s']} s "
+          f"{hop['q_per_s']} q/s, grouping {hop['grouping_s']} s (memory to bf16 {hop['memory_to_gemm_dtype_s']} s), "
+          f"calibration {hop['calibration_s']} s "
           f"(check: fp32 reference {hop['check_reference_s']} s, pass {hop['check_s']} s, not projected), "
           f"projected {hop['projected_s']} s", flush=True)
     return hop

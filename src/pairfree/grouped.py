@@ -29,8 +29,8 @@ share one selection, as in clustered attention (Vyas et al., 2020):
 
 `rows` >= the memory is exact for any group and tail. `rows` is calibrated on sample queries against
 exact in the GEMM dtype (mean cosine, less two standard errors, at least `min_cosine`), like IVF's
-probes; its trials read one kept pass (`KeptSelections`), and the rest of the sample checks the run
-against fp32 exact. A query far from its group's mean is served worse than the mean
+probes, the sample stratified by the queries' cosine to their group's mean (`Strata`); its trials read
+one kept pass (`KeptSelections`), and a uniform sample checks the run against fp32 exact. A query far from its group's mean is served worse than the mean
 query: the report's 1st percentile and minimum say how much. Groups are formed over all the queries of
 a call (denser queries, tighter groups), so it runs locally, not as Ray shards.
 """
@@ -51,7 +51,7 @@ SHIFT_ROWS = 16
 
 
 def query_groups(queries, centroids: torch.Tensor, size: int, *, block: int = 65536, iters: int = 4,
-                 dtype: torch.dtype = torch.float32, regroup: float = 0.3) -> list[np.ndarray]:
+                 dtype: torch.dtype = torch.float32, regroup: float = 0.3) -> QueryGroups:
     """Row indices of `queries` grouped by nearest centroid, groups larger than `size` split by a few
     rounds of spherical k-means (seeded with evenly spaced members, so the grouping is deterministic).
 
@@ -92,9 +92,28 @@ def query_groups(queries, centroids: torch.Tensor, size: int, *, block: int = 65
         for j in np.unique(a):
             groups.append(idx[a == j])
             means.append(sums[j])
+    unit_means = torch.nn.functional.normalize(torch.stack(means), dim=1) if means else torch.zeros(0, queries.shape[1])
     if regroup <= 0 or len(groups) < 2:
-        return groups
-    return _regroup(queries, groups, torch.nn.functional.normalize(torch.stack(means), dim=1), regroup, block, dtype)
+        return QueryGroups(groups, unit_means)
+    return _regroup(queries, groups, unit_means, regroup, block, dtype)
+
+
+class QueryGroups(list):
+    """The groups (arrays of query indices), with `means`: their unit mean directions (G, d), fp32, which
+    calibration's strata read (each query's cosine to its group's mean) without another pass over the
+    queries."""
+
+    def __init__(self, groups: list[np.ndarray], means: torch.Tensor):
+        super().__init__(groups)
+        self.means = means
+
+    def cosines_to_means(self, queries, ids: np.ndarray) -> np.ndarray:
+        """Each query of `ids`' cosine to its group's unit mean."""
+        at = np.empty(queries.shape[0], dtype=np.int64)
+        for j, g in enumerate(self):
+            at[g] = j
+        q = torch.nn.functional.normalize(torch.from_numpy(host_rows(queries, ids)).float(), dim=1)
+        return (q * self.means[torch.from_numpy(at[ids])].to(q.device)).sum(1).cpu().numpy()
 
 
 def _blocks(queries, block: int, dev: torch.device):
@@ -104,9 +123,10 @@ def _blocks(queries, block: int, dev: torch.device):
 
 
 def _regroup(queries, groups: list[np.ndarray], means: torch.Tensor, share: float, block: int,
-             dtype: torch.dtype) -> list[np.ndarray]:
+             dtype: torch.dtype) -> QueryGroups:
     """`groups` with the `share` of queries of lowest cosine to their group's unit mean moved to the group
-    of nearest mean (the threshold a quantile of a strided sample of ~20k queries); empty groups dropped."""
+    of nearest mean (the threshold a quantile of a strided sample of ~20k queries), with their new means;
+    empty groups dropped."""
     n = queries.shape[0]
     assign = np.empty(n, dtype=np.int64)
     for j, g in enumerate(groups):
@@ -116,13 +136,18 @@ def _regroup(queries, groups: list[np.ndarray], means: torch.Tensor, share: floa
     q = torch.from_numpy(host_rows(queries, probe)).to(means.device).float()
     threshold = torch.quantile((q * means[at[probe]]).sum(1), share) if share < 1 else math.inf
     md = means.to(dtype)
+    sums = torch.zeros_like(means)
     for s, q in _blocks(queries, block, means.device):
         far = torch.nonzero((q * means[at[s : s + len(q)]]).sum(1) <= threshold).squeeze(1)
         if len(far):
             at[s + far] = (q[far].to(dtype) @ md.T).max(1).indices
+        sums.index_add_(0, at[s : s + len(q)], q)
     assign = at.cpu().numpy()
     order = np.argsort(assign, kind="stable")
-    return [g for g in np.split(order, np.cumsum(np.bincount(assign, minlength=len(groups)))[:-1]) if len(g)]
+    counts = np.bincount(assign, minlength=len(groups))
+    kept = torch.from_numpy(np.flatnonzero(counts)).to(means.device)
+    return QueryGroups([g for g in np.split(order, np.cumsum(counts)[:-1]) if len(g)],
+                       torch.nn.functional.normalize(sums[kept], dim=1))
 
 
 class GroupedMemory:
@@ -511,12 +536,13 @@ def _sample_cosines(gm: GroupedMemory, queries, groups, sample: np.ndarray, exac
 
 
 def choose_rows(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: list[torch.Tensor], tau: float,
-                min_cosine: float, tail: str, keep: int = 16384) -> int:
+                min_cosine: float, tail: str, keep: int = 16384, strata: "Strata | None" = None) -> int:
     """The fewest shared rows whose mean cosine to exact on the calibration queries, less two standard
-    errors, reaches `min_cosine`: doubling from 2048, then bisection to 1/32 of the answer (its steps stay
-    on the kept blocks' grid). The trials read `KeptSelections` of the sample's groups at `keep` rows
-    (built again at the doubling's step that outgrows them; the bisection stays below it) instead of each
-    repeating the means' pass and the scoring."""
+    errors, reaches `min_cosine` (`strata`: the sample is stratified, mean and error weighted by them):
+    doubling from 2048, then bisection to 1/32 of the answer (its steps stay on the kept blocks' grid).
+    The trials read `KeptSelections` of the sample's groups at `keep` rows (built again at the doubling's
+    step that outgrows them; the bisection stays below it) instead of each repeating the means' pass and
+    the scoring."""
     from pairfree.ivf import _lower_bound
 
     m = gm.keys.shape[0]
@@ -530,7 +556,8 @@ def choose_rows(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: l
         if kept is None or r > kept.rows:
             kept = None  # freed before the next is built
             kept = KeptSelections(gm, queries, subset, inside, max(r, keep), tau, tail)
-        return _lower_bound(_sample_cosines(gm, queries, groups, sample, exact, r, tau, tail, kept)) >= min_cosine
+        cos = _sample_cosines(gm, queries, groups, sample, exact, r, tau, tail, kept)
+        return (_lower_bound(cos) if strata is None else strata.lower_bound(cos)) >= min_cosine
 
     lo, hi = 0, min(2048, m)
     while not good(hi):
@@ -539,6 +566,52 @@ def choose_rows(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: l
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if good(mid) else (mid, hi)
     return hi
+
+
+#: calibration's strata: these quantiles of the queries' cosine to their group's mean (the farthest first)
+STRATA = (0.05, 0.1, 0.2, 0.4)
+
+
+class Strata:
+    """A stratified calibration sample: each query's stratum (`labels`, aligned with the sorted sample) and
+    each stratum's share of all queries (`weights`).
+
+    A query's error grows steeply with its distance to its group's mean (at paper scale the tenth of
+    queries farthest from it carry about half of it), so a uniform sample's mean cosine is dominated in
+    variance by the few far queries it happens to hold: its two standard errors cost a quarter of the
+    rows at cosine 0.999. Drawn in equal numbers from strata of that cosine (the farthest 5 %, 5-10 %,
+    10-20 %, 20-40 %, the rest) and weighted by their shares, the estimate of the mean is unbiased and
+    its standard error about half (README)."""
+
+    def __init__(self, labels: np.ndarray, weights: np.ndarray):
+        self.labels, self.weights = labels, weights
+
+    @classmethod
+    def draw(cls, queries, groups: "QueryGroups", exclude: np.ndarray, size: int, rng: np.random.Generator,
+             pool: int = 20) -> tuple[np.ndarray, "Strata"] | None:
+        """`size` queries not in `exclude`, drawn in equal numbers from the strata of a uniform pool of
+        `pool` x `size` of them (sorted), and their strata; None where a stratum would hold fewer than two
+        (then the caller draws uniformly)."""
+        free = np.setdiff1d(np.arange(queries.shape[0]), exclude, assume_unique=True)
+        cand = np.sort(rng.choice(free, min(len(free), pool * size), replace=False))
+        cos = groups.cosines_to_means(queries, cand)
+        labels = np.searchsorted(np.quantile(cos, STRATA), cos)
+        per = size // (len(STRATA) + 1)
+        members = [np.flatnonzero(labels == h) for h in range(len(STRATA) + 1)]
+        if min(len(m) for m in members) < 2 or per < 2:
+            return None
+        picked = np.sort(np.concatenate([rng.choice(m, min(per, len(m)), replace=False) for m in members]))
+        weights = np.array([len(m) for m in members]) / len(cand)
+        return cand[picked], cls(labels[picked], weights)
+
+    def counts(self) -> list[int]:
+        return np.bincount(self.labels, minlength=len(self.weights)).tolist()
+
+    def lower_bound(self, cos: np.ndarray, z: float = 2.0) -> float:
+        """The weighted mean of the strata's mean cosines, less `z` standard errors."""
+        means = np.array([cos[self.labels == h].mean() for h in range(len(self.weights))])
+        var = np.array([cos[self.labels == h].var(ddof=1) / (self.labels == h).sum() for h in range(len(self.weights))])
+        return float(self.weights @ means - z * math.sqrt(self.weights**2 @ var))
 
 
 def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list[np.ndarray], settings,
@@ -643,6 +716,7 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
     n_cal = max(1, min(1000, len(sample) // 2))
     cal = sample[np.sort(perm[:n_cal])]
     chk = sample[np.sort(perm[n_cal:])] if len(sample) > 1 else cal
+    strata = None
 
     def reference(ids: np.ndarray, k, vs: list, dtype: torch.dtype) -> list[torch.Tensor]:
         return [torch.from_numpy(e) for e in aggregate(host_rows(queries, ids), k, vs, tau=tau, device=device,
@@ -651,9 +725,12 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
     t0 = time.perf_counter()
     rows = settings.rows
     if not rows:  # the memory's own copy in the GEMM dtype: no second one converted
+        drawn = Strata.draw(queries, groups, chk, n_cal, rng) if isinstance(groups, QueryGroups) else None
+        if drawn is not None:  # the check stays a uniform sample: the cosines reported are its plain mean
+            cal, strata = drawn
         vs = [gm.value(i) for i in range(len(gm.values))]
         rows = choose_rows(gm, queries, groups, cal, reference(cal, gm.keys, vs, gm.dtype), tau, settings.min_cosine,
-                           settings.tail)
+                           settings.tail, strata=strata)
     t1 = time.perf_counter()
     check = Check(chk, reference(chk, keys, list(values), torch.float32))
     t2 = time.perf_counter()
@@ -661,6 +738,8 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
     sizes = np.array([len(g) for g in groups])
     report = {"select": "groups", "rows": rows, "groups": len(groups), "tail": settings.tail,
               "regroup": settings.regroup, "sample": len(sample),
+              "calibration_strata": None if strata is None else {"quantiles": list(STRATA), "queries": strata.counts(),
+                                                                 "weights": strata.weights.round(4).tolist()},
               "group_size": {"mean": float(sizes.mean()), "p10": float(np.quantile(sizes, 0.1)),
                              "p90": float(np.quantile(sizes, 0.9))},
               "rows_scanned_per_query": rows + len(groups) * m / n,

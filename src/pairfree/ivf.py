@@ -82,7 +82,8 @@ class IVFSettings:
     cache_dir: str | None = None  # where partitions are kept (not part of the result's key)
     # select="groups": instead of scanning lists per query, each group of nearby queries (about
     # `group_size`) shares one selection of `rows` rows from its mean's softmax (`pairfree.grouped`);
-    # `rows` is calibrated to `min_cosine` unless set. tail: "sampled" (the selection a priority
+    # `rows` is calibrated to `min_cosine` unless set (its queries stratified by their cosine to their group's
+    # mean; the check stays uniform). tail: "sampled" (the selection a priority
     # sample: its best rows for sure, the rest by importance, each row weighted to stand for those
     # not drawn), "mean" (the best rows, the rest as the mean's softmax tail) or "none". regroup: the
     # share of queries farthest from their group's mean moved to the nearest mean of all groups
