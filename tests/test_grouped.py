@@ -294,12 +294,15 @@ def test_top_rows_select_what_topk_selects(ordered):
             torch.testing.assert_close(got.sort(dim=1, descending=True).values, want, rtol=0, atol=0)
 
 
-def test_the_sampled_selection_estimates_the_means_sums_without_bias(world):
+@pytest.mark.parametrize("temper", [None, 0.6])
+def test_the_sampled_selection_estimates_the_means_sums_without_bias(world, temper):
     """Priority sampling: over independent draws, each selected row's weight times its factor sums, on
     average, to the mean's softmax mass and weighted value sum over the whole memory (within 4 standard
     errors), where the same number of best rows alone falls short by the tail's share; every row
-    selected is the exact sum in each draw."""
+    selected is the exact sum in each draw. Drawn from the softmax at another temperature (`temper`:
+    scores x 0.6, as for a loose group), the factors keep the sums of the weights at τ unbiased."""
     q, k, v = world["q"], world["k"], world["v"]
+    temper = None if temper is None else torch.full((4,), temper)
     tau, rows = 0.05, 300
     means = torch.from_numpy(q[:4])
     s = means @ torch.from_numpy(k).T / tau
@@ -307,7 +310,8 @@ def test_the_sampled_selection_estimates_the_means_sums_without_bias(world):
     mass, sums = w.sum(1), w @ torch.from_numpy(v)
     draws = []
     for seed in range(300):
-        top, log_f = GroupedMemory(k, [v], torch.device("cpu"), seed=seed).selections(means, rows, tau, "sampled")
+        top, log_f = GroupedMemory(k, [v], torch.device("cpu"), seed=seed).selections(means, rows, tau, "sampled",
+                                                                                      temper=temper)
         wf = w.gather(1, top) * log_f.exp()
         draws.append(torch.cat([wf.sum(1, keepdim=True), (wf[..., None] * torch.from_numpy(v)[top]).sum(1)], 1))
     draws = torch.stack(draws).double()
@@ -316,7 +320,7 @@ def test_the_sampled_selection_estimates_the_means_sums_without_bias(world):
     assert z.abs().max() < 4.5, z.abs().max()
     best = w.topk(rows, dim=1).values.sum(1)
     assert ((mass - best) / (draws[:, :, 0].std(0).float() / len(draws) ** 0.5)).min() > 20  # what the tail adds
-    top, log_f = GroupedMemory(k, [v], torch.device("cpu")).selections(means, len(k), tau, "sampled")
+    top, log_f = GroupedMemory(k, [v], torch.device("cpu")).selections(means, len(k), tau, "sampled", temper=temper)
     assert (log_f == 0).all()
     torch.testing.assert_close((w.gather(1, top)).sum(1), mass, rtol=1e-5, atol=0)
 
@@ -371,3 +375,27 @@ def test_stratified_calibration_sample_is_unbiased_with_a_smaller_error(rng):
     assert abs(np.mean(estimates) - truth) < 4 * spread / np.sqrt(len(estimates))
     assert 0.7 < np.mean(errors) / spread < 1.3
     assert spread < 0.8 * np.std(uniform)
+
+
+def test_a_sample_drawn_at_the_groups_temperature_is_closer_to_exact(rng, monkeypatch):
+    """Each group's priority sample follows its mean's softmax at τ / r (r its members' mean cosine to the
+    mean: their average softmax). On a clustered world at τ = 0.05 (groups of ~64, r 0.56-0.68), with 512
+    and 1024 of 6000 rows the queries' mean error (1 - cosine to exact) is at least 10 % lower than with
+    the sample drawn at τ (measured 17-19 %), the same rows scored."""
+    centres = unit(rng, 50, 32)
+    q = clustered(rng, 1500, 32, centres, offset=0.6 * unit(rng, 1, 32)[0])
+    k = clustered(rng, 6000, 32, centres)
+    groups = query_groups(q, torch.from_numpy(unit(np.random.default_rng(3), 8, q.shape[1])), size=64)
+    every = np.arange(len(q))
+    exact = [torch.from_numpy(aggregate_dense(q, k, tau=0.05))]
+    tempered, plain = GroupedMemory(k, [k], torch.device("cpu")), GroupedMemory(k, [k], torch.device("cpu"))
+    selections = plain.selections
+    monkeypatch.setattr(plain, "selections", lambda *a, temper=None: selections(*a[:6]))
+    seen = []
+    real = tempered.selections
+    monkeypatch.setattr(tempered, "selections", lambda *a: seen.append(a[6]) or real(*a))
+    for rows in (512, 1024):
+        err = [1 - _sample_cosines(gm, q, groups, every, exact, rows, 0.05, "sampled").mean() for gm in (tempered, plain)]
+        assert err[0] < 0.9 * err[1], (rows, err)
+    r = torch.cat(seen)
+    assert 0.5 < r.min() and r.max() < 0.75 and len(r) == 2 * len(groups)

@@ -181,7 +181,7 @@ class GroupedMemory:
         return self.keys if v is None else v
 
     def selections(self, means: torch.Tensor, rows: int, tau: float, tail: str, ordered: bool = False,
-                   offsets: torch.Tensor | None = None):
+                   offsets: torch.Tensor | None = None, temper: torch.Tensor | None = None):
         """For unit group means (B, d): each mean's selection of `rows` rows (B, R; the `SHIFT_ROWS` best
         by score first) and what `group` needs for its tail:
 
@@ -193,13 +193,17 @@ class GroupedMemory:
 
         `ordered`: rows in descending key (or score) order, so a selection of fewer rows is a prefix
         (with "sampled", the keys (B, R + 1: the last is the first key left out) instead of factors).
-        Scores and weights are written into buffers kept across batches."""
+        `temper` (B,), sampled: each mean's scores times it, so its sample follows its softmax at
+        temperature τ / temper (`passes` gives each group's mean cosine to its mean). Scores and weights
+        are written into buffers kept across batches."""
         dt, b, m = self.dtype, len(means), self.keys.shape[0]
         raw = torch.mm(means.to(dt), self.keys.T, out=self._buffer("mean_scores", b, m))
         s = raw if dt == torch.float32 else self._buffer("mean_scores_fp32", b, m, dtype=torch.float32).copy_(raw)
         s.div_(tau)
         s -= s.amax(1, keepdim=True)
         if tail == "sampled":
+            if temper is not None:
+                s.mul_(temper.to(s.device)[:, None])
             return self._sampled(s, rows, ordered, torch.zeros(b, dtype=torch.int64) if offsets is None else offsets)
         top = top_rows(s, min(rows, m), ordered)
         if tail == "none":
@@ -312,13 +316,23 @@ class GroupedMemory:
         """Per batch of groups: (first group's position, the groups' queries (fp32), `selections` of their
         unit means). 64 groups per batch: the means' score GEMM with fewer rows is bound by reading the
         memory, not by the GEMM rate. A group's noise offset comes from its first query's index (the
-        same group, the same draw)."""
+        same group, the same draw).
+
+        Sampled, each group's sample is drawn from its mean's softmax at temperature τ / r, r the
+        members' mean cosine to the mean: a member at cosine c to it weighs a row by about
+        exp(c·mean·row / τ) (times a factor of its part orthogonal to the mean, which varies little from
+        row to row), so the group's average softmax, the proposal that serves all of its members, is
+        the mean's at τ / r. Drawn at τ, the sample is sharper than that and under-draws the rows its
+        far members weigh (at paper scale r is ~0.8, and drawn at τ / r a selection reaches the same
+        mean cosine with ~20 % fewer rows, README)."""
         for s in range(0, len(groups), batch):
             batch_groups = groups[s : s + batch]
             qs = [torch.from_numpy(host_rows(queries, g)).to(self.device) for g in batch_groups]
-            means = torch.nn.functional.normalize(torch.stack([q.mean(0) for q in qs]), dim=1)
+            resultants = torch.stack([torch.nn.functional.normalize(q, dim=1).mean(0) for q in qs])
+            means = torch.nn.functional.normalize(resultants, dim=1)
             offsets = torch.tensor([self.offset(g) for g in batch_groups])
-            yield s, qs, self.selections(means, rows, tau, tail, ordered, offsets)
+            temper = resultants.norm(dim=1) if tail == "sampled" else None
+            yield s, qs, self.selections(means, rows, tau, tail, ordered, offsets, temper)
 
     def offset(self, group: np.ndarray) -> int:
         """The rotation of the noise for a group (multiplicative hashing of its first query's index)."""
