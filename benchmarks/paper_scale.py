@@ -22,8 +22,8 @@ Stages, each in its own subprocess (so each peak memory is its own):
   run (selection not counted): how far IVF is from the rows that matter, and a floor for any method
   that scores a subset of the rows chosen by weight;
 - groups: per hop, one row selection per group of nearby queries (`IVFSettings(select="groups")`) in
-  bf16 at mean cosine 0.999: rows calibrated on 1000 queries against bf16 exact and measured on the
-  other --sample - 1000 against fp32 exact, throughput timed on whole groups holding --groups-share of
+  bf16 at mean cosine 0.999: rows calibrated on 1000 queries (stratified by their cosine to their group's
+  mean) against bf16 exact and measured on the other --sample - 1000 (uniform) against fp32 exact, throughput timed on whole groups holding --groups-share of
   the queries, projected with the grouping and calibration time added (--hops and --group-size run a
   subset or another group size). The check is a measurement: its fp32 reference, and its pass (a run
   reads it from its own), are timed apart; the totals are given without and with its reference;
