@@ -399,3 +399,25 @@ def test_a_sample_drawn_at_the_groups_temperature_is_closer_to_exact(rng, monkey
         assert err[0] < 0.9 * err[1], (rows, err)
     r = torch.cat(seen)
     assert 0.5 < r.min() and r.max() < 0.75 and len(r) == 2 * len(groups)
+
+
+def test_a_cell_too_large_for_one_round_is_split_in_stages(world):
+    """A cell that would need more than `fanout` parts is split into `fanout` first, each split again: the
+    parts partition the cell, each carries its rows' sum, most hold about `size` (a flat split's spread),
+    a cell of identical rows ends (one part), and a cell within `fanout` parts is split as before."""
+    from pairfree.grouped import _split
+
+    x = torch.from_numpy(world["q"]).float()
+    idx = np.arange(len(x)) * 3
+    parts = _split(x, idx, size=50, iters=4, fanout=4)
+    got = np.sort(np.concatenate([p for p, _ in parts]))
+    np.testing.assert_array_equal(got, idx)
+    for p, total in parts:
+        torch.testing.assert_close(total, x[torch.from_numpy(p // 3)].sum(0), rtol=1e-5, atol=1e-4)
+    sizes = np.array([len(p) for p, _ in parts])
+    flat = np.array([len(p) for p, _ in _split(x, idx, size=50, iters=4, fanout=len(x))])
+    assert len(sizes) >= len(x) / 50 / 2 and np.median(sizes) <= 2 * np.median(flat), (np.median(sizes), np.median(flat))
+    same = _split(torch.ones(300, 8) / 8**0.5, np.arange(300), size=10, iters=2, fanout=4)
+    assert sum(len(p) for p, _ in same) == 300
+    few = _split(x, idx, size=500, iters=4, fanout=4)  # 3 parts: one round, as before
+    assert len(few) <= 3
