@@ -499,11 +499,16 @@ def run_stage(name: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    # this machine's speed moves by 10-15 % from run to run: the bf16 GEMM rate at both ends of a stage
+    # says how fast it ran, so stages run apart can be compared
+    rates = [round(gemm_rate(torch.bfloat16))]
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         result = {"world": stage_world, "exact": stage_exact, "aggregation": stage_aggregation, "bound": stage_bound, "groups": stage_groups,
                   "second": stage_second, "train": stage_train}[name](args)
-    result.update({"stage": name, "wall_s": round(time.perf_counter() - t0, 1), **mem.summary(),
+        wall = time.perf_counter() - t0
+    rates.append(round(gemm_rate(torch.bfloat16)))
+    result.update({"stage": name, "wall_s": round(wall, 1), **mem.summary(), "gemm_bf16_gflops_start_end": rates,
                    "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")})
     return result
 
@@ -594,9 +599,11 @@ def tables(summary: dict) -> str:
     for stage in STAGES:
         r = summary.get(stage)
         if r:
-            stage_rows.append(f"| {stage} | {r['wall_s']} | {r['peak_anon_rss_gib']} | {r['vm_hwm_gib']} |")
+            rates = " / ".join(map(str, r.get("gemm_bf16_gflops_start_end", ["-"])))
+            stage_rows.append(f"| {stage} | {r['wall_s']} | {r['peak_anon_rss_gib']} | {r['vm_hwm_gib']} | {rates} |")
     if stage_rows:
-        lines += ["| stage | wall s | peak anon RSS GiB | VmHWM GiB |", "| --- | ---: | ---: | ---: |", *stage_rows, ""]
+        lines += ["| stage | wall s | peak anon RSS GiB | VmHWM GiB | bf16 GEMM GFLOP/s, start / end |",
+                  "| --- | ---: | ---: | ---: | ---: |", *stage_rows, ""]
     tr = summary.get("train")
     if tr:
         lines += ["| training | s / step | tuples / s | GFLOP/s | GEMM GFLOP/s | ratio | epoch min | 36 epochs h |",

@@ -222,9 +222,19 @@ def test_kept_selections_equal_the_direct_pass_at_every_smaller_row_count(world,
     with pytest.raises(ValueError, match="kept 2560"):
         kept.aggregate(2561, lambda g, res: None)
     if dtype == torch.float32:
-        chosen = [choose_rows(gm, q, groups, sample, exact[0.01], 0.01, 0.999, tail, keep=keep)
-                  for keep in (64, len(k))]
+        trials: list[dict] = []
+        chosen = [choose_rows(gm, q, groups, sample, exact[0.01], 0.01, 0.999, tail, keep=keep,
+                              trials=trials if keep == 64 else None) for keep in (64, len(k))]
         assert chosen[0] == chosen[1] < len(k)
+        # the trials as the report states them: each a direct computation at its rows, the answer the
+        # fewest rows that passed, every trial below it failing
+        for t in trials:
+            cos = _sample_cosines(gm, q, groups, sample, exact[0.01], t["rows"], 0.01, tail)
+            se = cos.std(ddof=1) / np.sqrt(len(cos))
+            assert t["mean"] == pytest.approx(cos.mean(), abs=2e-6)
+            assert t["lower_bound"] == pytest.approx(cos.mean() - 2 * se, abs=2e-6)
+        passed = [t["rows"] for t in trials if t["lower_bound"] >= 0.999]
+        assert min(passed) == chosen[0] and all(t["rows"] < chosen[0] for t in trials if t["lower_bound"] < 0.999)
 
 
 def test_bf16_within_its_measured_tolerance(world):
@@ -369,6 +379,8 @@ def test_stratified_calibration_sample_is_unbiased_with_a_smaller_error(rng):
         errors.append(estimates[-1] - strata.lower_bound(cos[ids], z=1))
         uniform.append(cos[r.choice(free, len(ids), replace=False)].mean())
     np.testing.assert_allclose(strata.weights, np.diff([0, *STRATA, 1]), atol=2 / len(free))
+    direct = sum(w * cos[ids][strata.labels == h].mean() for h, w in enumerate(strata.weights))
+    assert strata.mean(cos[ids]) == pytest.approx(direct, abs=1e-12) == estimates[-1]
     spread, truth = np.std(estimates), cos[free].mean()
     print(f"true {truth:.5f}, stratified {np.mean(estimates):.5f} sd {spread:.2e} (stated {np.mean(errors):.2e}), "
           f"uniform sd {np.std(uniform):.2e}")

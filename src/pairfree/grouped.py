@@ -570,13 +570,15 @@ def _sample_cosines(gm: GroupedMemory, queries, groups, sample: np.ndarray, exac
 
 
 def choose_rows(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: list[torch.Tensor], tau: float,
-                min_cosine: float, tail: str, keep: int = 16384, strata: "Strata | None" = None) -> int:
+                min_cosine: float, tail: str, keep: int = 16384, strata: "Strata | None" = None,
+                trials: list[dict[str, float]] | None = None) -> int:
     """The fewest shared rows whose mean cosine to exact on the calibration queries, less two standard
     errors, reaches `min_cosine` (`strata`: the sample is stratified, mean and error weighted by them):
     doubling from 2048, then bisection to 1/32 of the answer (its steps stay on the kept blocks' grid).
     The trials read `KeptSelections` of the sample's groups at `keep` rows (built again at the doubling's
     step that outgrows them; the bisection stays below it) instead of each repeating the means' pass and
-    the scoring."""
+    the scoring. `trials`, where given, receives each trial's rows, mean cosine and lower bound (the
+    report's `calibration_trials`: how far from the target each step landed)."""
     from pairfree.ivf import _lower_bound
 
     m = gm.keys.shape[0]
@@ -591,7 +593,11 @@ def choose_rows(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: l
             kept = None  # freed before the next is built
             kept = KeptSelections(gm, queries, subset, inside, max(r, keep), tau, tail)
         cos = _sample_cosines(gm, queries, groups, sample, exact, r, tau, tail, kept)
-        return (_lower_bound(cos) if strata is None else strata.lower_bound(cos)) >= min_cosine
+        mean = float(cos.mean()) if strata is None else strata.mean(cos)
+        bound = _lower_bound(cos) if strata is None else strata.lower_bound(cos)
+        if trials is not None:
+            trials.append({"rows": r, "mean": round(mean, 6), "lower_bound": round(bound, 6)})
+        return bound >= min_cosine
 
     lo, hi = 0, min(2048, m)
     while not good(hi):
@@ -641,12 +647,14 @@ class Strata:
     def counts(self) -> list[int]:
         return np.bincount(self.labels, minlength=len(self.weights)).tolist()
 
+    def mean(self, cos: np.ndarray) -> float:
+        """The weighted mean of the strata's mean cosines (an unbiased estimate of all queries' mean)."""
+        return float(self.weights @ np.array([cos[self.labels == h].mean() for h in range(len(self.weights))]))
+
     def lower_bound(self, cos: np.ndarray, z: float = 2.0) -> float:
-        """The weighted mean of the strata's mean cosines, less `z` standard errors."""
-        parts = [cos[self.labels == h] for h in range(len(self.weights))]
-        means = np.array([p.mean() for p in parts])
-        var = np.array([p.var(ddof=1) / len(p) for p in parts])
-        return float(self.weights @ means - z * math.sqrt(self.weights**2 @ var))
+        """`mean` less `z` standard errors."""
+        var = np.array([cos[self.labels == h].var(ddof=1) / (self.labels == h).sum() for h in range(len(self.weights))])
+        return self.mean(cos) - z * math.sqrt(self.weights**2 @ var)
 
 
 def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list[np.ndarray], settings,
@@ -758,14 +766,14 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
                                                         normalize=False, dtype=dtype)]
 
     t0 = time.perf_counter()
-    rows = settings.rows
+    rows, trials = settings.rows, []
     if not rows:  # the memory's own copy in the GEMM dtype: no second one converted
         drawn = Strata.draw(queries, groups, chk, n_cal, rng) if isinstance(groups, QueryGroups) else None
         if drawn is not None:  # the check stays a uniform sample: the cosines reported are its plain mean
             cal, strata = drawn
         vs = [gm.value(i) for i in range(len(gm.values))]
         rows = choose_rows(gm, queries, groups, cal, reference(cal, gm.keys, vs, gm.dtype), tau, settings.min_cosine,
-                           settings.tail, strata=strata)
+                           settings.tail, strata=strata, trials=trials)
     t1 = time.perf_counter()
     check = Check(chk, reference(chk, keys, list(values), torch.float32))
     t2 = time.perf_counter()
@@ -775,6 +783,7 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
               "regroup": settings.regroup, "sample": len(sample),
               "calibration_strata": None if strata is None else {"quantiles": list(STRATA), "queries": strata.counts(),
                                                                  "weights": strata.weights.round(4).tolist()},
+              "calibration_trials": trials,
               "group_size": {"mean": float(sizes.mean()), "p10": float(np.quantile(sizes, 0.1)),
                              "p90": float(np.quantile(sizes, 0.9))},
               "rows_scanned_per_query": rows + len(groups) * m / n,
