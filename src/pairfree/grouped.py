@@ -295,7 +295,7 @@ class GroupedMemory:
         # factor common to a query's outputs, each already rounded so by the value GEMM, so sampled and
         # untailed directions do not change (with the mean's tail, the selection's share against it does)
         mass = w.sum(1).float()
-        bad = ~torch.isfinite(mass) | (mass < 1e-30)
+        bad = ~_usable(mass)
         if bad.any():
             w[bad], mass[bad] = self._softmax(q[bad], kr, tau, tail if sampled else None), 1.0
         mean_tail = tail is not None and not sampled
@@ -375,6 +375,14 @@ class GroupedMemory:
                 if sink is not None:
                     sink(g, res)
         return scored
+
+
+def _usable(mass: torch.Tensor) -> torch.Tensor:
+    """Per query, whether its shifted weights can be used as they are: their sum neither overflows nor
+    vanishes, and stays low enough (<= 1e30) that the weighted sums of values below ~1e8 cannot overflow
+    float32 either (unnormalised inputs at a small τ reach such weights; an overflowing sum had written
+    NaN into the outputs). The others are redone with a max."""
+    return torch.isfinite(mass) & (mass >= 1e-30) & (mass <= 1e30)
 
 
 def _tail_of(tails, j: int):
@@ -515,7 +523,7 @@ class KeptSelections:
         if off or not 0 < k < len(q_mass):
             return None
         mass = q_mass[k]
-        if not (torch.isfinite(mass).all() and (mass >= 1e-30).all()):
+        if not _usable(mass).all():
             return None
         outs = []
         for i, qs in enumerate(q_sums):
