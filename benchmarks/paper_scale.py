@@ -1,6 +1,6 @@
 """Paper scale on this machine: the papers' corpus sizes, their pseudo data and their training batch.
 
-    python benchmarks/paper_scale.py [--world DIR] [--preset paper|mini] [--stages world,exact,aggregation,bound,groups,second,train]
+    python benchmarks/paper_scale.py [--world DIR] [--preset paper|mini] [--stages world,exact,aggregation,bound,groups,second,ray,train]
                                      [--sample 3000] [--train-steps 150] [--out runs/bench/paper_scale]
 
 Stages, each in its own subprocess (so each peak memory is its own):
@@ -31,6 +31,9 @@ Stages, each in its own subprocess (so each peak memory is its own):
   first hop run in full (`aggregate(..., method="ivf")`, groups, bf16, cos 0.999), its aggregated second
   value (clip text from clap audio, clap text from clip image) then the queries of the second hop,
   measured as in the groups stage (--hops 2 and/or 3 pick the passes);
+- ray: one hop (--hops, default 0) run in full locally and then as Ray tasks on a local instance with
+  as many CPUs (`backend="ray"`, groups, bf16, cos 0.999): wall times, their ratio, and the largest
+  difference between the two results;
 - train: Ex-MCR training on a 5.41M-tuple pool (memory-mapped float16, gathered per batch; memory
   rows stand in for the aggregated roles) at batch 4096, fp32 and bf16 autocast, for --train-steps
   steps; FLOPs per step counted by torch's FlopCounterMode, as a ratio to the best GEMM rate of the
@@ -52,7 +55,7 @@ import threading
 import time
 from pathlib import Path
 
-STAGES = ("world", "exact", "aggregation", "bound", "groups", "second", "train")
+STAGES = ("world", "exact", "aggregation", "bound", "groups", "second", "ray", "train")
 
 
 class PeakMemory:
@@ -443,6 +446,54 @@ def stage_second(args) -> dict:
     return {"hops": out}
 
 
+def stage_ray(args) -> dict:
+    """One hop (--hops, default 0) run in full twice, as `stage second` runs a first hop: locally on this
+    process's threads, then with `backend="ray"` on a local Ray instance with as many CPUs, one thread per
+    task (the driver groups and calibrates, the tasks run whole batches of groups). Wall times, their
+    ratio, and how far the two results lie apart."""
+    import numpy as np
+    import torch
+
+    from pairfree.memory import aggregate
+    from pairfree.toy.scale import load
+
+    try:
+        import ray
+    except ImportError:
+        return {"skipped": "Ray is not installed (pip install 'pairfree[ray]')"}
+    w = load(args.world)
+    out = {}
+    cpus = torch.get_num_threads()
+    for i, (name, queries, keys, values) in enumerate(hop_arrays(w)):
+        if not (_chosen(args, i) if args.hops else i == 0):
+            continue
+        runs = {}
+        for backend in ("local", "ray"):
+            if backend == "ray" and not ray.is_initialized():  # not before: its daemons would share the local run's cores
+                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            outs = [np.empty((queries.shape[0], v.shape[1]), np.float16) for v in values]
+            rep: dict = {}
+            t0 = time.perf_counter()
+            aggregate(queries, keys, values, tau=0.01, method="ivf", dtype="bfloat16", ivf=_groups_settings(args),
+                      out=outs, report=rep, progress=f"{name} ({backend})", backend=backend)
+            runs[backend] = (time.perf_counter() - t0, outs, rep)
+            print(f"{name}, {backend}: {runs[backend][0]:.0f} s, rows {rep['rows']}, shards {rep.get('shards')}, "
+                  f"cos {rep['cosine_to_exact']}", flush=True)
+        (t_local, a, rep_local), (t_ray, b, rep_ray) = runs["local"], runs["ray"]
+        diff = max(float(np.abs(x.astype(np.float32) - y.astype(np.float32)).max()) for x, y in zip(a, b))
+        out[name] = {"queries": queries.shape[0], "memory": keys.shape[0], "values": len(values),
+                     "local_s": round(t_local, 1), "ray_s": round(t_ray, 1), "ray_over_local": round(t_ray / t_local, 3),
+                     "shards": rep_ray["shards"], "cpus": cpus, "same_rows": rep_ray["rows"] == rep_local["rows"],
+                     "max_abs_difference_float16": diff,
+                     "differing_rows": int(sum((x != y).any(1).sum() for x, y in zip(a, b))),
+                     "local": {k: rep_local[k] for k in ("rows", "groups", "cosine_to_exact", "seconds")},
+                     "ray": {k: rep_ray[k] for k in ("rows", "groups", "cosine_to_exact", "seconds")}}
+        runs = a = b = None
+    if ray.is_initialized():
+        ray.shutdown()
+    return {"hops": out}
+
+
 def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
@@ -505,7 +556,7 @@ def run_stage(name: str, args) -> dict:
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         result = {"world": stage_world, "exact": stage_exact, "aggregation": stage_aggregation, "bound": stage_bound, "groups": stage_groups,
-                  "second": stage_second, "train": stage_train}[name](args)
+                  "second": stage_second, "ray": stage_ray, "train": stage_train}[name](args)
         wall = time.perf_counter() - t0
     rates.append(round(gemm_rate(torch.bfloat16)))
     result.update({"stage": name, "wall_s": round(wall, 1), **mem.summary(), "gemm_bf16_gflops_start_end": rates,
@@ -594,6 +645,17 @@ def tables(summary: dict) -> str:
                          f"{h['rows']:,} / {h['groups']:,} | {c['mean']:.5f} / {c['p1']:.4f} / {c['min']:.4f} | "
                          f"{h['q_per_s']:,} | {h['grouping_s']} + {h['calibration_s']} | "
                          f"{h['projected_s'] / 60:.1f} min | {proj} |")
+        lines.append("")
+    ray = summary.get("ray")
+    if ray and ray.get("hops"):
+        lines += ["| hop in full (queries x memory), groups bf16 cos>=0.999 | local (its groups' pass) | Ray (shards, "
+                  "CPUs) | Ray / local | same rows | rows differing | largest difference (float16 outputs) |",
+                  "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+        for hop, h in ray["hops"].items():
+            passes = [h[b]["seconds"]["aggregation"] for b in ("local", "ray")]
+            lines.append(f"| {hop} ({h['queries']:,} x {h['memory']:,}) | {h['local_s']} s ({passes[0]:.0f}) | "
+                         f"{h['ray_s']} s ({passes[1]:.0f}; {h['shards']}, {h['cpus']}) | {h['ray_over_local']} | {h['same_rows']} | "
+                         f"{h['differing_rows']:,} | {h['max_abs_difference_float16']:.2g} |")
         lines.append("")
     stage_rows = []
     for stage in STAGES:

@@ -5,7 +5,10 @@ queries and a reference to the memory (keys and values, `ray.put` once; on one n
 it from shared memory without copies) and runs the same local kernels, so the result equals the
 local one up to float rounding (the tests hold it to 1e-6). For method "ivf" the driver builds the
 partition and calibrates the probes once on its query sample, and puts the list-sorted memory in the
-object store; the tasks only scan lists. The callers (C-MCR pseudo pairs, the Ex-MCR passes) write
+object store; the tasks only scan lists. With `IVFSettings(select="groups")` the driver groups all the
+queries and calibrates the rows (both need every query, and are a quarter to a third of a hop at paper
+scale), and the tasks run whole batches of groups against the memory in its GEMM dtype (`RayGroups`):
+each group's selection and noise depend only on its own queries, so the result is the local one. The callers (C-MCR pseudo pairs, the Ex-MCR passes) write
 the result to the same cache entries as the local path (`aggregation_backend: ray`).
 
 Ray starts a local instance when none is running (`RAY_ADDRESS` connects to a cluster).
@@ -52,15 +55,105 @@ def _exact_shard(queries, keys, values, kwargs):
 
 def _ivf_shard(queries, keys_sorted, values_sorted, partition, probes, tau, query_block, dtype):
     from pairfree.ivf import ProbedMemory
+    from pairfree.memory import host_rows
 
     mem = ProbedMemory.from_sorted(keys_sorted, values_sorted, partition, torch.device("cpu"), dtype)
     outs = [np.empty((len(queries), mem.width(i)), dtype=np.float32) for i in range(len(values_sorted))]
     for s in range(0, len(queries), query_block):
-        q = torch.from_numpy(np.asarray(queries[s : s + query_block], dtype=np.float32))
+        q = torch.from_numpy(host_rows(queries, slice(s, s + query_block)))
         res, _ = mem.aggregate(q, probes, tau)
         for out, r in zip(outs, res):
             out[s : s + len(r)] = r.numpy()
     return outs
+
+
+def _shareable(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy array for the object store, without a copy (bfloat16 as its int16 bits)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _groups_shard(q: np.ndarray, ids: np.ndarray, lengths: np.ndarray, keys: np.ndarray, values: list,
+                  dtype: torch.dtype, seed: int, rows: int, tau: float, tail: str, batch: int):
+    """One shard of groups: `q` their queries in group order, `ids` those queries' indices among all, each
+    group `lengths` long. Returns the results (one float32 array per value, rows aligned with `ids`) and
+    the scores computed."""
+    from pairfree.grouped import GroupedMemory
+    from pairfree.memory import as_tensor
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        t = as_tensor(a)
+        return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+    k = tensor(keys)
+    gm = GroupedMemory(k, [k if v is None else tensor(v) for v in values], torch.device("cpu"), dtype, seed)
+    groups = np.split(np.arange(len(q)), np.cumsum(lengths)[:-1])
+    outs = [np.empty((len(q), gm.value(i).shape[1]), dtype=np.float32) for i in range(len(values))]
+
+    def sink(g: np.ndarray, res: list[torch.Tensor]) -> None:
+        for o, r in zip(outs, res):
+            o[g] = r.numpy()
+
+    scored = gm.aggregate(q, groups, rows, tau, tail, batch=batch, sink=sink, ids=ids)
+    return outs, scored
+
+
+def group_shards(sizes: np.ndarray, shards: int, batch: int) -> list[tuple[int, int]]:
+    """(first, end) group of each shard: whole batches of `batch` groups (a task scores the same batches of
+    means as one machine would), about equal in queries."""
+    starts = np.arange(0, len(sizes), batch)
+    load = np.cumsum(np.add.reduceat(sizes, starts)) if len(sizes) else np.zeros(0)
+    cuts = np.searchsorted(load, load[-1] * np.arange(1, shards) / shards, side="right") if len(load) else []
+    bounds = np.unique(np.concatenate([[0], np.minimum(np.asarray(cuts, dtype=int) * batch, len(sizes)),
+                                       [len(sizes)]]))
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+class RayGroups:
+    """Runs `grouped_aggregate`'s groups as Ray tasks (`runner=`): the memory in its GEMM dtype put once,
+    each task a run of whole batches of groups with their queries; at most two tasks per CPU in
+    flight, so the queries gathered for them stay bounded."""
+
+    def __init__(self, shards: int | None = None, max_queries: int = 262144):
+        self.ray = _ray()
+        self.cpus = max(1, int(self.ray.cluster_resources().get("CPU", 1)))
+        self.requested, self.max_queries = shards, max_queries
+        self.shards = 0
+
+    def groups(self, gm, queries, groups, rows: int, tau: float, tail: str, sink, batch: int = 64) -> int:
+        from pairfree.memory import as_tensor, host_rows
+
+        ray = self.ray
+        sizes = np.array([len(g) for g in groups])
+        n = int(sizes.sum())
+        want = self.requested or max(self.cpus, -(-n // self.max_queries))
+        cuts = group_shards(sizes, want, batch)
+        self.shards = len(cuts)
+        keys_ref = ray.put(_shareable(gm.keys))
+        vals_ref = ray.put([None if v is None else _shareable(v) for v in gm.values])
+        task = ray.remote(_groups_shard)
+        pending: dict = {}
+        scored = 0
+        todo = list(cuts)
+        while todo or pending:
+            while todo and len(pending) < 2 * self.cpus:
+                a, b = todo.pop(0)
+                ids = np.concatenate(groups[a:b])
+                # numpy rows travel in their own dtype (float16 stores: half the bytes); the task converts them
+                q = host_rows(queries, ids) if isinstance(queries, torch.Tensor) else np.asarray(queries[ids])
+                ref = task.remote(q, ids, sizes[a:b], keys_ref, vals_ref, gm.dtype, gm.seed, rows, tau, tail, batch)
+                pending[ref] = ids
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ids = pending.pop(done[0])
+            outs, count = ray.get(done[0])
+            sink(ids, [as_tensor(o) for o in outs])
+            scored += count
+        return scored
+
+    def exact(self, queries, keys, values: list, *, tau: float, outs: list[np.ndarray], normalize: bool,
+              progress: bool | str, dtype: torch.dtype) -> None:
+        """The exact fallback, as query shards."""
+        ray_aggregate(queries, keys, values, shards=self.requested, tau=tau, normalize=normalize,
+                      progress=progress, out=outs, dtype=dtype)
 
 
 def shard_bounds(n: int, shards: int) -> np.ndarray:
@@ -89,18 +182,29 @@ def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, meth
     n, m = queries.shape[0], keys.shape[0]
     if method == "auto":
         method = choose_method(n, m)
+    info: dict[str, Any] = {"method": method, "queries": n, "memory": m, "backend": "ray"}
+    if method == "ivf" and ivf is not None and ivf.select == "groups":
+        from pairfree.ivf import ivf_aggregate
+        from pairfree.memory import compute_dtype
+
+        outs = output_arrays(out, n, [v.shape[1] for v in vals])
+        runner = RayGroups(shards)
+        ivf_aggregate(queries, keys, vals, tau=kwargs.get("tau", 0.01), settings=ivf, device=torch.device("cpu"),
+                      report=info, outs=outs, normalize=normalize, progress=progress,
+                      dtype=compute_dtype(kwargs.get("dtype", torch.float32)), runner=runner)
+        info["shards"] = runner.shards
+        if report is not None:
+            report.update(info)
+        return outs if as_list else outs[0]
     shards = shards or max(1, int(ray.cluster_resources().get("CPU", 1)))
     bounds = shard_bounds(n, shards)
+    info["shards"] = len(bounds) - 1
     q = _array(queries)
-    info: dict[str, Any] = {"method": method, "queries": n, "memory": m, "backend": "ray", "shards": len(bounds) - 1}
     if method == "ivf":
         from pairfree.ivf import IVFSettings, ProbedMemory, calibrate, cached_partition
         from pairfree.memory import compute_dtype
 
         settings = ivf or IVFSettings()
-        if settings.select != "lists":
-            raise ValueError(f"aggregate(backend='ray'): IVFSettings(select={settings.select!r}) runs locally only; "
-                             "use select='lists' on Ray")
         dev = torch.device("cpu")
         dt = compute_dtype(kwargs.get("dtype", torch.float32))
         part = cached_partition(keys, settings.n_lists(m), settings, dev)

@@ -34,7 +34,8 @@ probes, the sample stratified by the queries' cosine to their group's mean (`Str
 one kept pass (`KeptSelections`), and a uniform sample checks the run against fp32 exact. A query far
 from its group's mean is served worse than the mean query: the report's 1st percentile and minimum say
 how much. Groups are formed over all the queries of
-a call (denser queries, tighter groups), so it runs locally, not as Ray shards.
+a call (denser queries, tighter groups); on Ray (`distributed.RayGroups`) the driver groups and
+calibrates, and tasks run whole batches of groups.
 """
 
 from __future__ import annotations
@@ -332,11 +333,12 @@ class GroupedMemory:
         return torch.softmax(s if log_factors is None else s + log_factors, dim=1).to(self.dtype)
 
     def passes(self, queries, groups: Sequence[np.ndarray], rows: int, tau: float, tail: str, batch: int = 64,
-               ordered: bool = False):
+               ordered: bool = False, ids: np.ndarray | None = None):
         """Per batch of groups: (first group's position, the groups' queries (fp32), `selections` of their
         unit means). 64 groups per batch: the means' score GEMM with fewer rows is bound by reading the
         memory, not by the GEMM rate. A group's noise offset comes from its first query's index (the
-        same group, the same draw).
+        same group, the same draw); `ids`: each row of `queries`' index among all queries, where they
+        are a shard of them (a Ray task's).
 
         Sampled, each group's sample is drawn from its mean's softmax at temperature τ / r, r the
         members' mean cosine to the mean: a member at cosine c to it weighs a row by about
@@ -350,7 +352,7 @@ class GroupedMemory:
             qs = [torch.from_numpy(host_rows(queries, g)).to(self.device) for g in batch_groups]
             resultants = torch.stack([torch.nn.functional.normalize(q, dim=1).mean(0) for q in qs])
             means = torch.nn.functional.normalize(resultants, dim=1)
-            offsets = torch.tensor([self.offset(g) for g in batch_groups])
+            offsets = torch.tensor([self.offset(g if ids is None else ids[g]) for g in batch_groups])
             temper = resultants.norm(dim=1) if tail == "sampled" else None
             yield s, qs, self.selections(means, rows, tau, tail, ordered, offsets, temper)
 
@@ -359,13 +361,14 @@ class GroupedMemory:
         return (int(group[0]) * 2654435761 + self.seed) % self.keys.shape[0]
 
     def aggregate(self, queries, groups: Sequence[np.ndarray], rows: int, tau: float, tail: str = "sampled",
-                  batch: int = 64, sink=None, score: Sequence[np.ndarray] | None = None) -> int:
+                  batch: int = 64, sink=None, score: Sequence[np.ndarray] | None = None,
+                  ids: np.ndarray | None = None) -> int:
         """Every group through `selections` and `group`; `sink(indices, results)` receives each group's
         results (fp32 tensors, one per value). `score`: per group, the members to score (calibration
-        scores its sample only; the means still come from whole groups). Returns the (query, row)
-        scores computed."""
+        scores its sample only; the means still come from whole groups). `ids`: see `passes`. Returns
+        the (query, row) scores computed."""
         scored = 0
-        for s, qs, (top, tails) in self.passes(queries, groups, rows, tau, tail, batch):
+        for s, qs, (top, tails) in self.passes(queries, groups, rows, tau, tail, batch, ids=ids):
             for j, (g, q) in enumerate(zip(groups[s : s + batch], qs)):
                 if score is not None:
                     keep = np.isin(g, score[s + j])
@@ -667,11 +670,12 @@ class Strata:
 
 def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list[np.ndarray], settings,
                       centroids: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32,
-                      normalize: bool = True, progress: bool | str = False) -> dict[str, Any]:
+                      normalize: bool = True, progress: bool | str = False, runner=None) -> dict[str, Any]:
     """`aggregate(..., method="ivf")` with `IVFSettings(select="groups")`: queries grouped around the
     memory partition's `centroids`, `rows` calibrated (unless set) on a sample against exact, every group
     written into `outs`, and the rest of the sample's cosines to exact read from that pass. Returns the
-    report."""
+    report. `runner` runs the groups and the exact fallback elsewhere (`distributed.RayGroups`: grouping
+    and calibration need all the queries and stay here; the groups then run as independent tasks)."""
     from pairfree.memory import aggregate
     from pairfree.progress import progress as progress_bar
 
@@ -685,8 +689,12 @@ def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list
     t2 = time.perf_counter()
     rows, tail = report["rows"], settings.tail
     if report["rows_scanned_per_query"] > settings.exact_above * m:  # as IVF: then exact is faster
-        aggregate(queries, keys, list(values), tau=tau, device=device, out=outs, normalize=normalize,
-                  progress=progress, dtype=dtype)
+        if runner is not None:
+            runner.exact(queries, keys, list(values), tau=tau, outs=outs, normalize=normalize, progress=progress,
+                         dtype=dtype)
+        else:
+            aggregate(queries, keys, list(values), tau=tau, device=device, out=outs, normalize=normalize,
+                      progress=progress, dtype=dtype)
         check.sink(check.ids, [torch.from_numpy(np.asarray(o[check.ids])) for o in outs])
         report.update({"ran": "exact", "work_fraction": 1.0, "cosine_to_exact": check.summary(),
                        "why": f"the calibrated selection scores {report['rows_scanned_per_query'] / m:.0%} of the "
@@ -703,7 +711,11 @@ def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list
             o[g] = r.cpu().numpy()
         bar.update(len(g))
 
-    scored = gm.aggregate(queries, groups, rows, tau, tail, sink=sink)
+    if runner is not None:
+        scored = runner.groups(gm, queries, groups, rows, tau, tail, sink)
+        report["shards"] = runner.shards
+    else:
+        scored = gm.aggregate(queries, groups, rows, tau, tail, sink=sink)
     bar.close()
     report.update({"cosine_to_exact": check.summary(),
                    "work_fraction": (scored + len(groups) * m) / max(1, n * m),

@@ -533,10 +533,11 @@ def calibrate(mem: ProbedMemory, queries, tau: float, settings: IVFSettings) -> 
 def ivf_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list[np.ndarray],
                   settings: IVFSettings | None = None, device: torch.device | None = None,
                   report: dict | None = None, normalize: bool = True, progress: bool | str = False,
-                  dtype: torch.dtype = torch.float32) -> None:
+                  dtype: torch.dtype = torch.float32, runner=None) -> None:
     """`aggregate(..., method="ivf")` into `outs` (one per value); `report` gets the partition, the
     calibrated probes and the measured accuracy. `dtype` is the GEMMs' (`ProbedMemory`): the probes
-    are calibrated with it, so the accuracy reported includes its rounding."""
+    are calibrated with it, so the accuracy reported includes its rounding. `runner`: select="groups"
+    only, see `grouped.grouped_aggregate`."""
     from pairfree.memory import store_rows
     from pairfree.progress import progress as progress_bar
 
@@ -551,7 +552,7 @@ def ivf_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list[np.
         from pairfree.grouped import grouped_aggregate
 
         rep = grouped_aggregate(queries, keys, values, tau=tau, outs=outs, settings=settings, centroids=part.centroids,
-                                device=dev, dtype=dtype, normalize=normalize, progress=progress)
+                                device=dev, dtype=dtype, normalize=normalize, progress=progress, runner=runner)
         rep["seconds"]["partition"] = round(t_part, 3)
         if report is not None:
             report.update({"lists": len(part.offsets) - 1, **rep})

@@ -54,12 +54,20 @@ def as_tensor(a) -> torch.Tensor:
 
 
 def host_rows(x, rows) -> np.ndarray:
-    """Rows of a numpy / memory-mapped array or a torch tensor (any device, any float dtype) as float32 numpy."""
+    """Rows of a numpy / memory-mapped array or a torch tensor (any device, any float dtype) as float32 numpy.
+    Numpy rows of another dtype are gathered as they are and converted by torch: numpy converts float16
+    one value at a time (1.2-1.8 s per 262,144 rows of d = 512 against torch's 0.15-0.2, the same values),
+    and the groups path reads every query of a hop three times."""
     if isinstance(x, torch.Tensor):
         if isinstance(rows, np.ndarray):
             rows = torch.from_numpy(rows).to(x.device)
         return x[rows].detach().to("cpu", torch.float32).numpy()
-    return np.asarray(x[rows], dtype=np.float32)
+    a = np.asarray(x[rows])
+    if a.dtype == np.float32:
+        return a
+    if a.dtype in (np.float16, np.float64):
+        return as_tensor(a).float().numpy()
+    return a.astype(np.float32)
 
 
 def host_array(a) -> np.ndarray:
@@ -404,7 +412,7 @@ def _gather(x, idx: torch.Tensor, dev) -> torch.Tensor:
     """Rows `idx` of a numpy / memory-mapped / torch memory as fp32 on `dev`."""
     if isinstance(x, torch.Tensor):
         return x[idx.to(x.device)].to(dev, torch.float32)
-    return torch.from_numpy(np.asarray(x[idx.numpy()], dtype=np.float32)).to(dev)
+    return torch.from_numpy(host_rows(x, idx.numpy())).to(dev)
 
 
 def aggregate_dense(queries, keys, values=None, tau: float = 0.01) -> np.ndarray:
