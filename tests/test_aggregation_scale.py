@@ -330,7 +330,7 @@ def test_ray_groups_equal_the_local_path(world, local_ray, dtype):
     fallback = IVFSettings(lists=40, select="groups", group_size=16, min_cosine=0.99, exact_above=0.01)
     rep = {}
     remote = aggregate(q, k, v, method="ivf", ivf=fallback, dtype=dtype, backend="ray", report=rep)
-    assert rep["ran"] == "exact"
+    assert rep["ran"] == "exact" and rep["shards"] == 2
     np.testing.assert_allclose(remote, aggregate(q, k, v, dtype=dtype), atol=1e-6)
 
 

@@ -8,8 +8,9 @@ partition and calibrates the probes once on its query sample, and puts the list-
 object store; the tasks only scan lists. With `IVFSettings(select="groups")` the driver groups all the
 queries and calibrates the rows (both need every query, and are a quarter to a third of a hop at paper
 scale), and the tasks run whole batches of groups against the memory in its GEMM dtype (`RayGroups`):
-each group's selection and noise depend only on its own queries, so the result is the local one. The callers (C-MCR pseudo pairs, the Ex-MCR passes) write
-the result to the same cache entries as the local path (`aggregation_backend: ray`).
+each group's selection and noise depend only on its own queries, so the result is the local one. The
+callers (C-MCR pseudo pairs, the Ex-MCR passes) write the result to the same cache entries as the
+local path (`aggregation_backend: ray`).
 
 Ray starts a local instance when none is running (`RAY_ADDRESS` connects to a cluster).
 """
@@ -152,8 +153,10 @@ class RayGroups:
     def exact(self, queries, keys, values: list, *, tau: float, outs: list[np.ndarray], normalize: bool,
               progress: bool | str, dtype: torch.dtype) -> None:
         """The exact fallback, as query shards."""
+        rep: dict = {}
         ray_aggregate(queries, keys, values, shards=self.requested, tau=tau, normalize=normalize,
-                      progress=progress, out=outs, dtype=dtype)
+                      progress=progress, out=outs, dtype=dtype, report=rep)
+        self.shards = rep["shards"]
 
 
 def shard_bounds(n: int, shards: int) -> np.ndarray:

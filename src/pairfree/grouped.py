@@ -713,7 +713,6 @@ def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list
 
     if runner is not None:
         scored = runner.groups(gm, queries, groups, rows, tau, tail, sink)
-        report["shards"] = runner.shards
     else:
         scored = gm.aggregate(queries, groups, rows, tau, tail, sink=sink)
     bar.close()
