@@ -101,11 +101,11 @@ def _groups_shard(q: np.ndarray, ids: np.ndarray, lengths: np.ndarray, keys: np.
 def group_shards(sizes: np.ndarray, shards: int, batch: int) -> list[tuple[int, int]]:
     """(first, end) group of each shard: whole batches of `batch` groups (a task scores the same batches of
     means as one machine would), about equal in queries."""
-    starts = np.arange(0, len(sizes), batch)
-    load = np.cumsum(np.add.reduceat(sizes, starts)) if len(sizes) else np.zeros(0)
-    cuts = np.searchsorted(load, load[-1] * np.arange(1, shards) / shards, side="right") if len(load) else []
-    bounds = np.unique(np.concatenate([[0], np.minimum(np.asarray(cuts, dtype=int) * batch, len(sizes)),
-                                       [len(sizes)]]))
+    if not len(sizes):
+        return []
+    load = np.cumsum(np.add.reduceat(sizes, np.arange(0, len(sizes), batch)))  # queries up to each batch's end
+    cuts = np.searchsorted(load, load[-1] * np.arange(1, shards) / shards, side="right") * batch
+    bounds = np.unique(np.concatenate([[0], np.minimum(cuts, len(sizes)), [len(sizes)]]))
     return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
