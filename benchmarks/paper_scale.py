@@ -32,8 +32,9 @@ Stages, each in its own subprocess (so each peak memory is its own):
   value (clip text from clap audio, clap text from clip image) then the queries of the second hop,
   measured as in the groups stage (--hops 2 and/or 3 pick the passes);
 - ray: one hop (--hops, default 0) run in full locally and then as Ray tasks on a local instance with
-  as many CPUs (`backend="ray"`, groups, bf16, cos 0.999): wall times, their ratio, and the largest
-  difference between the two results;
+  as many CPUs (`backend="ray"`, groups, bf16, cos 0.999): wall times, their ratio, the largest
+  difference between the two results, and the seconds only the driver spends (grouping, calibration's
+  trials: the bound on a cluster's speed-up);
 - train: Ex-MCR training on a 5.41M-tuple pool (memory-mapped float16, gathered per batch; memory
   rows stand in for the aggregated roles) at batch 4096, fp32 and bf16 autocast, for --train-steps
   steps; FLOPs per step counted by torch's FlopCounterMode, as a ratio to the best GEMM rate of the
@@ -449,8 +450,9 @@ def stage_second(args) -> dict:
 def stage_ray(args) -> dict:
     """One hop (--hops, default 0) run in full twice, as `stage second` runs a first hop: locally on this
     process's threads, then with `backend="ray"` on a local Ray instance with as many CPUs, one thread per
-    task (the driver groups and calibrates, the tasks run whole batches of groups). Wall times, their
-    ratio, and how far the two results lie apart."""
+    task (the driver groups and runs calibration's trials; tasks run whole batches of groups and both exact
+    references). Wall times, their ratio, how far the two results lie apart, and the seconds only the
+    driver spends (the bound on a cluster's speed-up for the hop)."""
     import numpy as np
     import torch
 
@@ -481,9 +483,13 @@ def stage_ray(args) -> dict:
                   f"cos {rep['cosine_to_exact']}", flush=True)
         (t_local, a, rep_local), (t_ray, b, rep_ray) = runs["local"], runs["ray"]
         diff = max(float(np.abs(x.astype(np.float32) - y.astype(np.float32)).max()) for x, y in zip(a, b))
+        # what runs in tasks (the groups' pass and both references) spreads over a cluster; the rest does not
+        sec = rep_ray["seconds"]
+        serial = t_ray - sec["aggregation"] - sec["calibration_reference"] - sec["check_reference"]
         out[name] = {"queries": queries.shape[0], "memory": keys.shape[0], "values": len(values),
                      "local_s": round(t_local, 1), "ray_s": round(t_ray, 1), "ray_over_local": round(t_ray / t_local, 3),
                      "shards": rep_ray["shards"], "cpus": cpus, "same_rows": rep_ray["rows"] == rep_local["rows"],
+                     "driver_serial_s": round(serial, 1), "speedup_bound": round(t_ray / serial, 2),
                      "max_abs_difference_float16": diff,
                      "differing_rows": int(sum((x != y).any(1).sum() for x, y in zip(a, b))),
                      "local": {k: rep_local[k] for k in ("rows", "groups", "cosine_to_exact", "seconds")},
@@ -649,13 +655,15 @@ def tables(summary: dict) -> str:
     ray = summary.get("ray")
     if ray and ray.get("hops"):
         lines += ["| hop in full (queries x memory), groups bf16 cos>=0.999 | local (its groups' pass) | Ray (shards, "
-                  "CPUs) | Ray / local | same rows | rows differing | largest difference (float16 outputs) |",
-                  "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+                  "CPUs) | Ray / local | same rows | rows differing | largest difference (float16 outputs) | on the driver alone "
+                  "(bound on a cluster's speed-up) |",
+                  "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
         for hop, h in ray["hops"].items():
             passes = [h[b]["seconds"]["aggregation"] for b in ("local", "ray")]
             lines.append(f"| {hop} ({h['queries']:,} x {h['memory']:,}) | {h['local_s']} s ({passes[0]:.0f}) | "
                          f"{h['ray_s']} s ({passes[1]:.0f}; {h['shards']}, {h['cpus']}) | {h['ray_over_local']} | {h['same_rows']} | "
-                         f"{h['differing_rows']:,} | {h['max_abs_difference_float16']:.2g} |")
+                         f"{h['differing_rows']:,} | {h['max_abs_difference_float16']:.2g} | "
+                         f"{h['driver_serial_s']} s ({h['speedup_bound']}x) |")
         lines.append("")
     stage_rows = []
     for stage in STAGES:

@@ -323,6 +323,7 @@ def test_ray_groups_equal_the_local_path(world, local_ray, dtype):
     assert rep_ray["backend"] == "ray" and rep_ray["shards"] == 2 and rep_local["groups"] > 2 * 64
     for key in ("rows", "groups", "work_fraction", "cosine_to_exact", "calibration_trials"):
         assert rep_ray[key] == rep_local[key], key
+    assert {"calibration_reference", "check_reference"} <= set(rep_ray["seconds"])
     assert rep_local["rows"] < 6000 and "ran" not in rep_ray
     for a, b, c in zip(local, remote, one_thread):
         np.testing.assert_array_equal(b, c)
@@ -332,6 +333,30 @@ def test_ray_groups_equal_the_local_path(world, local_ray, dtype):
     remote = aggregate(q, k, v, method="ivf", ivf=fallback, dtype=dtype, backend="ray", report=rep)
     assert rep["ran"] == "exact" and rep["shards"] == 2
     np.testing.assert_allclose(remote, aggregate(q, k, v, dtype=dtype), atol=1e-6)
+
+
+def test_ray_references_equal_the_local_exact_ones(rng, local_ray):
+    """Calibration's exact references as Ray query shards (`RayGroups.reference`): against a float16 memory map
+    in fp32 (the check's) and against the memory's bf16 copy in bf16 (calibration's), with the keys among the
+    values, equal to the local exact aggregates (<= 1e-6); each memory is put once however often it is used."""
+    import torch
+
+    from pairfree.distributed import RayGroups
+
+    k = clustered(rng, 5000, 32, unit(rng, 30, 32), 0.2).astype(np.float16)
+    v = rng.standard_normal((5000, 8)).astype(np.float16)
+    q = clustered(rng, 301, 32, unit(rng, 30, 32), 0.2)
+    runner = RayGroups()
+    got = runner.reference(q, k, [k, v], tau=0.05, dtype=torch.float32)
+    want = aggregate(q, k, [k, v], tau=0.05, normalize=False)
+    kb, vb = torch.from_numpy(k).to(torch.bfloat16), torch.from_numpy(v).to(torch.bfloat16)
+    got_bf16 = runner.reference(q, kb, [kb, vb], tau=0.05, dtype=torch.bfloat16)
+    want_bf16 = aggregate(q, kb, [kb, vb], tau=0.05, normalize=False, dtype=torch.bfloat16)
+    runner.reference(q[:5], kb, [kb, vb], tau=0.05, dtype=torch.bfloat16)
+    assert len(runner._refs) == 4
+    for a, b in zip(got + got_bf16, want + want_bf16):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        np.testing.assert_allclose(a.numpy(), b, atol=1e-6)
 
 
 def test_exmcr_passes_on_ray_groups_write_the_local_pools(rng, local_ray, tmp_path, monkeypatch):

@@ -6,9 +6,10 @@ it from shared memory without copies) and runs the same local kernels, so the re
 local one up to float rounding (the tests hold it to 1e-6). For method "ivf" the driver builds the
 partition and calibrates the probes once on its query sample, and puts the list-sorted memory in the
 object store; the tasks only scan lists. With `IVFSettings(select="groups")` the driver groups all the
-queries and calibrates the rows (both need every query, and are a quarter to a third of a hop at paper
-scale), and the tasks run whole batches of groups against the memory in its GEMM dtype (`RayGroups`):
-each group's selection and noise depend only on its own queries, so the result is the local one. The
+queries and runs calibration's trials (both need every query), calibration's and the check's exact
+references run as query shards, and the tasks run whole batches of groups against the memory in its
+GEMM dtype (`RayGroups`): each group's selection and noise depend only on its own queries, so the
+result is the local one. The
 callers (C-MCR pseudo pairs, the Ex-MCR passes) write the result to the same cache entries as the
 local path (`aggregation_backend: ray`).
 
@@ -44,14 +45,10 @@ def _array(x) -> np.ndarray:
 
 
 def _exact_shard(queries, keys, values, kwargs):
-    """values: "keys" (the keys themselves) or an object ref per value; refs inside a list reach the
-    task unresolved, which keeps each value a single shared copy."""
-    import ray
-
+    """values: "keys" (the keys themselves) or an object ref per value (see `_values`)."""
     from pairfree.memory import aggregate
 
-    vals = [keys if isinstance(v, str) else ray.get(v) for v in values]
-    return aggregate(queries, keys, vals, **kwargs)
+    return aggregate(queries, keys, _values(keys, values), **kwargs)
 
 
 def _ivf_shard(queries, keys_sorted, values_sorted, partition, probes, tau, query_block, dtype):
@@ -68,9 +65,37 @@ def _ivf_shard(queries, keys_sorted, values_sorted, partition, probes, tau, quer
     return outs
 
 
-def _shareable(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as a numpy array for the object store, without a copy (bfloat16 as its int16 bits)."""
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+def _shareable(x) -> np.ndarray:
+    """A memory as a numpy array for the object store, without a copy where it is one already (a CPU tensor;
+    bfloat16 as its int16 bits, which `_unshared` views back; a memory map is read once, into the store)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
+    return np.asarray(x)
+
+
+def _unshared(a: np.ndarray) -> torch.Tensor:
+    """`_shareable`'s inverse (int16 holds bfloat16's bits: no memory is int16)."""
+    from pairfree.memory import as_tensor
+
+    t = as_tensor(a)
+    return t.view(torch.bfloat16) if t.dtype == torch.int16 else t
+
+
+def _values(keys: torch.Tensor, values: list) -> list[torch.Tensor]:
+    """A task's values: None or "keys" for the keys themselves, else an object ref (refs inside a list
+    reach the task unresolved, which keeps each memory a single shared copy)."""
+    import ray
+
+    return [keys if v is None or isinstance(v, str) else _unshared(ray.get(v)) for v in values]
+
+
+def _reference_shard(q: np.ndarray, keys: np.ndarray, values: list, tau: float, dtype: torch.dtype) -> list:
+    """Exact aggregates (unnormalised) of a shard of calibration's or the check's sample queries."""
+    from pairfree.memory import aggregate
+
+    k = _unshared(keys)
+    return aggregate(q, k, _values(k, values), tau=tau, normalize=False, dtype=dtype, backend="local")
 
 
 def _groups_shard(q: np.ndarray, ids: np.ndarray, lengths: np.ndarray, keys: np.ndarray, values: list,
@@ -79,20 +104,16 @@ def _groups_shard(q: np.ndarray, ids: np.ndarray, lengths: np.ndarray, keys: np.
     group `lengths` long. Returns the results (one float32 array per value, rows aligned with `ids`) and
     the scores computed."""
     from pairfree.grouped import GroupedMemory
-    from pairfree.memory import as_tensor
+    from pairfree.memory import put_rows
 
-    def tensor(a: np.ndarray) -> torch.Tensor:
-        t = as_tensor(a)
-        return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
-
-    k = tensor(keys)
-    gm = GroupedMemory(k, [k if v is None else tensor(v) for v in values], torch.device("cpu"), dtype, seed)
+    k = _unshared(keys)
+    gm = GroupedMemory(k, _values(k, values), torch.device("cpu"), dtype, seed)
     groups = np.split(np.arange(len(q)), np.cumsum(lengths)[:-1])
     outs = [np.empty((len(q), gm.value(i).shape[1]), dtype=np.float32) for i in range(len(values))]
 
     def sink(g: np.ndarray, res: list[torch.Tensor]) -> None:
         for o, r in zip(outs, res):
-            o[g] = r.numpy()
+            put_rows(o, g, r)
 
     scored = gm.aggregate(q, groups, rows, tau, tail, batch=batch, sink=sink, ids=ids)
     return outs, scored
@@ -110,15 +131,37 @@ def group_shards(sizes: np.ndarray, shards: int, batch: int) -> list[tuple[int, 
 
 
 class RayGroups:
-    """Runs `grouped_aggregate`'s groups as Ray tasks (`runner=`): the memory in its GEMM dtype put once,
-    each task a run of whole batches of groups with their queries; at most two tasks per CPU in
-    flight, so the queries gathered for them stay bounded."""
+    """Runs `grouped_aggregate`'s groups and calibration's exact references as Ray tasks (`runner=`): each
+    memory put once (the GEMM dtype's copy for the groups and calibration, the given one for the check's
+    fp32 reference), each groups task a run of whole batches of groups with their queries; at most two
+    tasks per CPU in flight, so the queries gathered for them stay bounded."""
 
     def __init__(self, shards: int | None = None, max_queries: int = 262144):
         self.ray = _ray()
         self.cpus = max(1, int(self.ray.cluster_resources().get("CPU", 1)))
         self.requested, self.max_queries = shards, max_queries
         self.shards = 0
+        self._refs: dict[int, tuple[Any, Any]] = {}
+
+    def _put(self, x):
+        """The object ref of memory `x`, put once (held with `x`, so its id is not reused)."""
+        hit = self._refs.get(id(x))
+        if hit is None or hit[0] is not x:
+            hit = self._refs[id(x)] = (x, self.ray.put(_shareable(x)))
+        return hit[1]
+
+    def _value_refs(self, keys, values: list) -> list:
+        return [None if v is None or v is keys else self._put(v) for v in values]
+
+    def reference(self, q: np.ndarray, keys, values: list, *, tau: float, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Exact aggregates (unnormalised, fp32) of sample queries `q` against `keys`/`values`, as query shards:
+        calibration's reference and the check's (a quarter of a hop's time on the driver at paper scale
+        before they ran here)."""
+        task = self.ray.remote(_reference_shard)
+        keys_ref, vals = self._put(keys), self._value_refs(keys, values)
+        bounds = np.unique(np.linspace(0, len(q), min(self.requested or self.cpus, len(q)) + 1).astype(int))
+        parts = self.ray.get([task.remote(q[a:b], keys_ref, vals, tau, dtype) for a, b in zip(bounds[:-1], bounds[1:])])
+        return [torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in range(len(values))]
 
     def groups(self, gm, queries, groups, rows: int, tau: float, tail: str, sink, batch: int = 64) -> int:
         from pairfree.memory import as_tensor, host_rows
@@ -129,8 +172,7 @@ class RayGroups:
         want = self.requested or max(self.cpus, -(-n // self.max_queries))
         cuts = group_shards(sizes, want, batch)
         self.shards = len(cuts)
-        keys_ref = ray.put(_shareable(gm.keys))
-        vals_ref = ray.put([None if v is None else _shareable(v) for v in gm.values])
+        keys_ref, vals = self._put(gm.keys), self._value_refs(gm.keys, gm.values)
         task = ray.remote(_groups_shard)
         pending: dict = {}
         scored = 0
@@ -141,7 +183,7 @@ class RayGroups:
                 ids = np.concatenate(groups[a:b])
                 # numpy rows travel in their own dtype (float16 stores: half the bytes); the task converts them
                 q = host_rows(queries, ids) if isinstance(queries, torch.Tensor) else np.asarray(queries[ids])
-                ref = task.remote(q, ids, sizes[a:b], keys_ref, vals_ref, gm.dtype, gm.seed, rows, tau, tail, batch)
+                ref = task.remote(q, ids, sizes[a:b], keys_ref, vals, gm.dtype, gm.seed, rows, tau, tail, batch)
                 pending[ref] = ids
             done, _ = ray.wait(list(pending), num_returns=1)
             ids = pending.pop(done[0])

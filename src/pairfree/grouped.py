@@ -674,9 +674,10 @@ def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list
     """`aggregate(..., method="ivf")` with `IVFSettings(select="groups")`: queries grouped around the
     memory partition's `centroids`, `rows` calibrated (unless set) on a sample against exact, every group
     written into `outs`, and the rest of the sample's cosines to exact read from that pass. Returns the
-    report. `runner` runs the groups and the exact fallback elsewhere (`distributed.RayGroups`: grouping
-    and calibration need all the queries and stay here; the groups then run as independent tasks)."""
-    from pairfree.memory import aggregate
+    report. `runner` runs the groups, calibration's exact references and the exact fallback elsewhere
+    (`distributed.RayGroups`: grouping and calibration's trials need all the queries and stay here; the
+    groups then run as independent tasks)."""
+    from pairfree.memory import aggregate, put_rows
     from pairfree.progress import progress as progress_bar
 
     n, m = queries.shape[0], keys.shape[0]
@@ -685,7 +686,7 @@ def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list
     groups = query_groups(queries, torch.from_numpy(centroids).to(device), settings.group_size, dtype=dtype,
                           regroup=settings.regroup)
     t1 = time.perf_counter()
-    report, check = calibrate(gm, queries, keys, values, groups, tau, settings, device)
+    report, check = calibrate(gm, queries, keys, values, groups, tau, settings, device, runner)
     t2 = time.perf_counter()
     rows, tail = report["rows"], settings.tail
     if report["rows_scanned_per_query"] > settings.exact_above * m:  # as IVF: then exact is faster
@@ -707,8 +708,7 @@ def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list
     def sink(g: np.ndarray, res: list[torch.Tensor]) -> None:
         check.sink(g, res)
         for o, r in zip(outs, res):
-            r = torch.nn.functional.normalize(r, dim=-1) if normalize else r
-            o[g] = r.cpu().numpy()
+            put_rows(o, g, torch.nn.functional.normalize(r, dim=-1) if normalize else r)
         bar.update(len(g))
 
     if runner is not None:
@@ -761,14 +761,15 @@ class Check:
 
 
 def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequence[np.ndarray], tau: float,
-              settings, device: torch.device) -> tuple[dict[str, Any], Check]:
+              settings, device: torch.device, runner=None) -> tuple[dict[str, Any], Check]:
     """`rows` chosen on part of a query sample (exact reference; unless settings.rows is set): the report of
     `grouped_aggregate` before it runs, and the `Check` of the rest of the sample that its pass fills.
 
     The calibration queries' exact reference is computed in the GEMM dtype (in bf16 its cosine to fp32 is
     >= 0.99999 at paper scale, README), the check's in float32: the cosines reported are to fp32 exact.
-    `report["seconds"]` times the choice (its reference included) and the check's reference apart (the
-    check is a measurement: a run without one would choose the same rows)."""
+    `report["seconds"]` times the choice (its reference included, and apart) and the check's reference
+    apart (the check is a measurement: a run without one would choose the same rows). `runner`
+    (`distributed.RayGroups`): both references run there as query shards."""
     from pairfree.memory import aggregate
 
     n, m = queries.shape[0], keys.shape[0]
@@ -781,18 +782,22 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
     strata = None
 
     def reference(ids: np.ndarray, k, vs: list, dtype: torch.dtype) -> list[torch.Tensor]:
-        return [torch.from_numpy(e) for e in aggregate(host_rows(queries, ids), k, vs, tau=tau, device=device,
-                                                        normalize=False, dtype=dtype)]
+        q = host_rows(queries, ids)
+        if runner is not None:
+            return runner.reference(q, k, vs, tau=tau, dtype=dtype)
+        return [torch.from_numpy(e) for e in aggregate(q, k, vs, tau=tau, device=device, normalize=False, dtype=dtype)]
 
     t0 = time.perf_counter()
-    rows, trials = settings.rows, []
+    rows, trials, cal_reference_s = settings.rows, [], 0.0
     if not rows:  # the memory's own copy in the GEMM dtype: no second one converted
         drawn = Strata.draw(queries, groups, chk, n_cal, rng) if isinstance(groups, QueryGroups) else None
         if drawn is not None:  # the check stays a uniform sample: the cosines reported are its plain mean
             cal, strata = drawn
-        vs = [gm.value(i) for i in range(len(gm.values))]
-        rows = choose_rows(gm, queries, groups, cal, reference(cal, gm.keys, vs, gm.dtype), tau, settings.min_cosine,
-                           settings.tail, strata=strata, trials=trials)
+        ta = time.perf_counter()
+        exact = reference(cal, gm.keys, [gm.value(i) for i in range(len(gm.values))], gm.dtype)
+        cal_reference_s = time.perf_counter() - ta
+        rows = choose_rows(gm, queries, groups, cal, exact, tau, settings.min_cosine, settings.tail, strata=strata,
+                           trials=trials)
     t1 = time.perf_counter()
     check = Check(chk, reference(chk, keys, list(values), torch.float32))
     t2 = time.perf_counter()
@@ -806,5 +811,6 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
               "group_size": {"mean": float(sizes.mean()), "p10": float(np.quantile(sizes, 0.1)),
                              "p90": float(np.quantile(sizes, 0.9))},
               "rows_scanned_per_query": rows + len(groups) * m / n,
-              "seconds": {"choose_rows": round(t1 - t0, 3), "check_reference": round(t2 - t1, 3)}}
+              "seconds": {"choose_rows": round(t1 - t0, 3), "calibration_reference": round(cal_reference_s, 3),
+                          "check_reference": round(t2 - t1, 3)}}
     return report, check

@@ -206,13 +206,32 @@ def output_arrays(out, n: int, widths: list[int]) -> list[np.ndarray]:
     return outs
 
 
+_TORCH_WRITABLE = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64))
+
+
+def put_rows(out, rows, results: torch.Tensor) -> None:
+    """out[rows] = results (a slice or an index array of rows), converted to out's dtype by torch where out
+    is a writable numpy array (memory maps included) of a float dtype: numpy converts float32 to float16
+    one value at a time (0.8-1.0 s per 400,000 rows of d = 512 against torch's 0.02-0.16 s, the same
+    values), and pools of float16 memories are float16. Other array types are assigned as they are."""
+    if isinstance(out, np.ndarray) and out.flags.writeable and out.dtype in _TORCH_WRITABLE:
+        t = torch.from_numpy(out)
+        src = results.detach().to("cpu", t.dtype)
+        if isinstance(rows, slice):
+            t[rows] = src
+        else:
+            t.index_copy_(0, torch.from_numpy(np.asarray(rows, dtype=np.int64)), src)
+        return
+    out[rows] = results.detach().cpu().numpy()
+
+
 def store_rows(outs: list[np.ndarray], start: int, results: list[torch.Tensor], normalize: bool) -> None:
     """Write one block of results (fp32 tensors), L2-normalised in fp32 first when asked."""
     for o, r in zip(outs, results):
         r = r.float()
         if normalize:
             r = torch.nn.functional.normalize(r, dim=-1)
-        o[start : start + len(r)] = r.cpu().numpy()
+        put_rows(o, slice(start, start + len(r)), r)
 
 
 def _run_blocks(queries, keys, vals, tau, query_chunk, dev, dt, resident_bytes, desc, progress, outs, normalize, fn):
