@@ -483,9 +483,7 @@ def stage_ray(args) -> dict:
                   f"cos {rep['cosine_to_exact']}", flush=True)
         (t_local, a, rep_local), (t_ray, b, rep_ray) = runs["local"], runs["ray"]
         diff = max(float(np.abs(x.astype(np.float32) - y.astype(np.float32)).max()) for x, y in zip(a, b))
-        # what runs in tasks (the groups' pass and both references) spreads over a cluster; the rest does not
-        sec = rep_ray["seconds"]
-        serial = t_ray - sec["aggregation"] - sec["calibration_reference"] - sec["check_reference"]
+        serial = t_ray - rep_ray["seconds_in_ray_tasks"]  # what runs in tasks spreads over a cluster; the rest does not
         out[name] = {"queries": queries.shape[0], "memory": keys.shape[0], "values": len(values),
                      "local_s": round(t_local, 1), "ray_s": round(t_ray, 1), "ray_over_local": round(t_ray / t_local, 3),
                      "shards": rep_ray["shards"], "cpus": cpus, "same_rows": rep_ray["rows"] == rep_local["rows"],

@@ -324,6 +324,8 @@ def test_ray_groups_equal_the_local_path(world, local_ray, dtype):
     for key in ("rows", "groups", "work_fraction", "cosine_to_exact", "calibration_trials"):
         assert rep_ray[key] == rep_local[key], key
     assert {"calibration_reference", "check_reference"} <= set(rep_ray["seconds"])
+    assert 0 < rep_ray["seconds_in_ray_tasks"] < sum(rep_ray["seconds"][k] for k in ("grouping", "choose_rows",
+                                                                                   "check_reference", "aggregation"))
     assert rep_local["rows"] < 6000 and "ran" not in rep_ray
     for a, b, c in zip(local, remote, one_thread):
         np.testing.assert_array_equal(b, c)
@@ -333,6 +335,39 @@ def test_ray_groups_equal_the_local_path(world, local_ray, dtype):
     remote = aggregate(q, k, v, method="ivf", ivf=fallback, dtype=dtype, backend="ray", report=rep)
     assert rep["ran"] == "exact" and rep["shards"] == 2
     np.testing.assert_allclose(remote, aggregate(q, k, v, dtype=dtype), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [64, 1])
+def test_ray_grouping_equals_the_local_one(local_ray, size):
+    """Grouping with `runner=RayGroups` (nearest centroids and moves as tasks of whole blocks, the cells' splits
+    as tasks of whole cells, the sums on the driver) on float16 queries: the groups and their means equal a
+    local grouping on the tasks' one thread bit for bit, and a two-thread one within float rounding. Size 1
+    splits every cell into more than 64 parts (k-means in two stages)."""
+    import torch
+
+    from pairfree.distributed import RayGroups
+    from pairfree.grouped import query_groups
+
+    rng = np.random.default_rng(11)
+    centres = unit(rng, 40, 32)
+    q = clustered(rng, 5000, 32, centres, 0.2).astype(np.float16)
+    cent = torch.from_numpy(unit(rng, 30, 32))
+    kw = dict(block=512, dtype=torch.bfloat16, regroup=0.3)
+    runner = RayGroups(max_queries=1024)
+    remote = query_groups(q, cent, size, runner=runner, **kw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = query_groups(q, cent, size, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    local = query_groups(q, cent, size, **kw)
+    assert len(remote) == len(one_thread) == len(local) >= len(q) / max(size, 100)
+    for a, b, c in zip(remote, one_thread, local):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(remote.means.numpy(), one_thread.means.numpy())
+    np.testing.assert_allclose(remote.means.numpy(), local.means.numpy(), atol=1e-6)
 
 
 def test_ray_references_equal_the_local_exact_ones(rng, local_ray):

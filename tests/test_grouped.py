@@ -153,7 +153,8 @@ def test_rows_calibrate_in_the_gemm_dtype_and_the_check_is_against_fp32(world, m
     for got, val in zip(check.exact, (k, v)):
         np.testing.assert_allclose(torch.nn.functional.normalize(got, dim=1).numpy(),
                                    aggregate_dense(q[check.ids], k, val), atol=1e-5)
-    assert set(rep["seconds"]) == {"choose_rows", "check_reference"} and 0 < rep["rows"] < len(k)
+    assert set(rep["seconds"]) == {"choose_rows", "calibration_reference", "check_reference"} and 0 < rep["rows"] < len(k)
+    assert 0 < rep["seconds"]["calibration_reference"] <= rep["seconds"]["choose_rows"]
     calls.clear()
     rep, _ = calibrate(gm, q, k, [k, v], groups, 0.01, IVFSettings(select="groups", rows=512, sample=300),
                        torch.device("cpu"))

@@ -5,11 +5,13 @@ queries and a reference to the memory (keys and values, `ray.put` once; on one n
 it from shared memory without copies) and runs the same local kernels, so the result equals the
 local one up to float rounding (the tests hold it to 1e-6). For method "ivf" the driver builds the
 partition and calibrates the probes once on its query sample, and puts the list-sorted memory in the
-object store; the tasks only scan lists. With `IVFSettings(select="groups")` the driver groups all the
-queries and runs calibration's trials (both need every query), calibration's and the check's exact
-references run as query shards, and the tasks run whole batches of groups against the memory in its
-GEMM dtype (`RayGroups`): each group's selection and noise depend only on its own queries, so the
-result is the local one. The
+object store; the tasks only scan lists. With `IVFSettings(select="groups")` (`RayGroups`) grouping's
+per-query work (nearest centroids, the moves of the farthest queries) runs as tasks of whole query
+blocks and the cells' k-means splits as tasks of whole cells, calibration's and the check's exact
+references as query shards, and the run as tasks of whole batches of groups against the memory in
+its GEMM dtype; the driver keeps what needs every query (the cells' and groups' sums, the order of
+the groups, calibration's trials). Each block, cell and group is computed as one machine computes
+it, so the result is the local one. The
 callers (C-MCR pseudo pairs, the Ex-MCR passes) write the result to the same cache entries as the
 local path (`aggregation_backend: ray`).
 
@@ -19,6 +21,7 @@ Ray starts a local instance when none is running (`RAY_ADDRESS` connects to a cl
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -119,6 +122,36 @@ def _groups_shard(q: np.ndarray, ids: np.ndarray, lengths: np.ndarray, keys: np.
     return outs, scored
 
 
+def _blocks_shard(q: np.ndarray, per_row: np.ndarray | None, fn, block: int, args: tuple) -> np.ndarray:
+    """`fn(rows, per_row's rows or None, *args)` over a shard of queries (as stored) in blocks of `block`."""
+    from pairfree.memory import host_rows
+
+    out = []
+    for s in range(0, len(q), block):
+        x = torch.from_numpy(host_rows(q, slice(s, s + block)))
+        out.append(fn(x, *(() if per_row is None else (torch.from_numpy(per_row[s : s + block]),)), *args))
+    return torch.cat(out).numpy()
+
+
+def _splits_shard(cells: list[np.ndarray], indices: list[np.ndarray], size: int, iters: int) -> list:
+    """`grouped._split` of each cell (its queries as stored, their indices): per cell, its parts'
+    (indices, sums)."""
+    from pairfree.grouped import _split
+    from pairfree.memory import host_rows
+
+    return [[(part, total.numpy()) for part, total in _split(torch.from_numpy(host_rows(x, slice(None))), idx, size,
+                                                             iters)]
+            for x, idx in zip(cells, indices)]
+
+
+def _stored(queries, rows) -> np.ndarray:
+    """Queries' rows to send to a task: numpy rows in their own dtype (float16 stores: half the bytes; the
+    task converts them), tensors as float32."""
+    from pairfree.memory import host_rows
+
+    return host_rows(queries, rows) if isinstance(queries, torch.Tensor) else np.asarray(queries[rows])
+
+
 def group_shards(sizes: np.ndarray, shards: int, batch: int) -> list[tuple[int, int]]:
     """(first, end) group of each shard: whole batches of `batch` groups (a task scores the same batches of
     means as one machine would), about equal in queries."""
@@ -131,16 +164,17 @@ def group_shards(sizes: np.ndarray, shards: int, batch: int) -> list[tuple[int, 
 
 
 class RayGroups:
-    """Runs `grouped_aggregate`'s groups and calibration's exact references as Ray tasks (`runner=`): each
-    memory put once (the GEMM dtype's copy for the groups and calibration, the given one for the check's
-    fp32 reference), each groups task a run of whole batches of groups with their queries; at most two
-    tasks per CPU in flight, so the queries gathered for them stay bounded."""
+    """Runs `grouped_aggregate`'s grouping, calibration's exact references and groups as Ray tasks
+    (`runner=`): each memory put once (the GEMM dtype's copy for the groups and calibration, the given one
+    for the check's fp32 reference), each groups task a run of whole batches of groups with their queries;
+    at most two tasks per CPU in flight, so the queries gathered for them stay bounded."""
 
     def __init__(self, shards: int | None = None, max_queries: int = 262144):
         self.ray = _ray()
         self.cpus = max(1, int(self.ray.cluster_resources().get("CPU", 1)))
         self.requested, self.max_queries = shards, max_queries
         self.shards = 0
+        self.in_tasks = 0.0  # wall seconds spent in task sections (what a larger cluster shortens)
         self._refs: dict[int, tuple[Any, Any]] = {}
 
     def _put(self, x):
@@ -160,35 +194,76 @@ class RayGroups:
         task = self.ray.remote(_reference_shard)
         keys_ref, vals = self._put(keys), self._value_refs(keys, values)
         bounds = np.unique(np.linspace(0, len(q), min(self.requested or self.cpus, len(q)) + 1).astype(int))
-        parts = self.ray.get([task.remote(q[a:b], keys_ref, vals, tau, dtype) for a, b in zip(bounds[:-1], bounds[1:])])
+        done = dict(self._each(list(zip(bounds[:-1], bounds[1:])),
+                               lambda job: task.remote(q[job[0] : job[1]], keys_ref, vals, tau, dtype)))
+        parts = [done[job] for job in zip(bounds[:-1], bounds[1:])]
         return [torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in range(len(values))]
 
-    def groups(self, gm, queries, groups, rows: int, tau: float, tail: str, sink, batch: int = 64) -> int:
-        from pairfree.memory import as_tensor, host_rows
+    def _each(self, jobs: list, submit):
+        """(job, result) of `submit(job)` (an object ref) for every job, in the order they finish, at most two
+        per CPU in flight (what a job gathers to send stays bounded)."""
+        todo, pending = list(jobs), {}
+        t0 = time.perf_counter()
+        while todo or pending:
+            while todo and len(pending) < 2 * self.cpus:
+                job = todo.pop(0)
+                pending[submit(job)] = job
+            done, _ = self.ray.wait(list(pending), num_returns=1)
+            yield pending.pop(done[0]), self.ray.get(done[0])
+        self.in_tasks += time.perf_counter() - t0
 
-        ray = self.ray
+    def per_block(self, queries, block: int, fn, args: tuple, per_row: np.ndarray | None = None) -> np.ndarray:
+        """`fn(rows (fp32), per_row's rows, *args)` over the queries in blocks of `block` rows, concatenated:
+        grouping's nearest centroids and moves. Tasks take whole blocks, so each block is the one a local
+        run computes (the same result)."""
+        step = block * max(1, self.max_queries // block)
+        task = self.ray.remote(_blocks_shard)
+
+        def submit(a: int):
+            return task.remote(_stored(queries, slice(a, a + step)), None if per_row is None else per_row[a : a + step],
+                               fn, block, args)
+
+        starts = list(range(0, queries.shape[0], step))
+        done = dict(self._each(starts, submit))
+        return np.concatenate([done[a] for a in starts]) if starts else np.empty(0, dtype=np.int64)
+
+    def splits(self, queries, cells: list[np.ndarray], size: int, iters: int) -> list:
+        """`grouped._split` of each cell (indices into the queries), as tasks of whole cells, about
+        `max_queries` queries each: per cell, its parts' (indices, sums)."""
+        task = self.ray.remote(_splits_shard)
+        jobs, first, held = [], 0, 0
+        for j, cell in enumerate(cells):
+            held += len(cell)
+            if held >= self.max_queries or j == len(cells) - 1:
+                jobs.append((first, j + 1))
+                first, held = j + 1, 0
+
+        def submit(job: tuple[int, int]):
+            return task.remote([_stored(queries, c) for c in cells[job[0] : job[1]]], cells[job[0] : job[1]], size, iters)
+
+        done = dict(self._each(jobs, submit))
+        return [[(part, torch.from_numpy(total)) for part, total in cell] for job in jobs for cell in done[job]]
+
+    def groups(self, gm, queries, groups, rows: int, tau: float, tail: str, sink, batch: int = 64) -> int:
+        from pairfree.memory import as_tensor
+
         sizes = np.array([len(g) for g in groups])
         n = int(sizes.sum())
         want = self.requested or max(self.cpus, -(-n // self.max_queries))
         cuts = group_shards(sizes, want, batch)
         self.shards = len(cuts)
         keys_ref, vals = self._put(gm.keys), self._value_refs(gm.keys, gm.values)
-        task = ray.remote(_groups_shard)
-        pending: dict = {}
+        task = self.ray.remote(_groups_shard)
+
+        def submit(job: tuple[int, int]):
+            a, b = job
+            ids = np.concatenate(groups[a:b])
+            return task.remote(_stored(queries, ids), ids, sizes[a:b], keys_ref, vals, gm.dtype, gm.seed, rows, tau,
+                               tail, batch)
+
         scored = 0
-        todo = list(cuts)
-        while todo or pending:
-            while todo and len(pending) < 2 * self.cpus:
-                a, b = todo.pop(0)
-                ids = np.concatenate(groups[a:b])
-                # numpy rows travel in their own dtype (float16 stores: half the bytes); the task converts them
-                q = host_rows(queries, ids) if isinstance(queries, torch.Tensor) else np.asarray(queries[ids])
-                ref = task.remote(q, ids, sizes[a:b], keys_ref, vals, gm.dtype, gm.seed, rows, tau, tail, batch)
-                pending[ref] = ids
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ids = pending.pop(done[0])
-            outs, count = ray.get(done[0])
-            sink(ids, [as_tensor(o) for o in outs])
+        for (a, b), (outs, count) in self._each(cuts, submit):
+            sink(np.concatenate(groups[a:b]), [as_tensor(o) for o in outs])
             scored += count
         return scored
 
@@ -237,7 +312,7 @@ def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, meth
         ivf_aggregate(queries, keys, vals, tau=kwargs.get("tau", 0.01), settings=ivf, device=torch.device("cpu"),
                       report=info, outs=outs, normalize=normalize, progress=progress,
                       dtype=compute_dtype(kwargs.get("dtype", torch.float32)), runner=runner)
-        info["shards"] = runner.shards
+        info.update(shards=runner.shards, seconds_in_ray_tasks=round(runner.in_tasks, 3))
         if report is not None:
             report.update(info)
         return outs if as_list else outs[0]

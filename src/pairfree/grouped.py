@@ -34,8 +34,8 @@ probes, the sample stratified by the queries' cosine to their group's mean (`Str
 one kept pass (`KeptSelections`), and a uniform sample checks the run against fp32 exact. A query far
 from its group's mean is served worse than the mean query: the report's 1st percentile and minimum say
 how much. Groups are formed over all the queries of
-a call (denser queries, tighter groups); on Ray (`distributed.RayGroups`) the driver groups and
-calibrates, and tasks run whole batches of groups.
+a call (denser queries, tighter groups); on Ray (`distributed.RayGroups`) the driver keeps the sums
+that need every query and calibration's trials, and tasks do the rest.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ SHIFT_ROWS = 16
 
 
 def query_groups(queries, centroids: torch.Tensor, size: int, *, block: int = 65536, iters: int = 4,
-                 dtype: torch.dtype = torch.float32, regroup: float = 0.3) -> QueryGroups:
+                 dtype: torch.dtype = torch.float32, regroup: float = 0.3, runner=None) -> QueryGroups:
     """Row indices of `queries` grouped by nearest centroid, groups larger than `size` split by a few
     rounds of spherical k-means (seeded with evenly spaced members, so the grouping is deterministic).
 
@@ -64,32 +64,69 @@ def query_groups(queries, centroids: torch.Tensor, size: int, *, block: int = 65
     nearest image centroid), and a query's error grows steeply with its distance to its group's mean:
     on the paper-scale world the tenth of queries farthest from it carried half to three quarters of
     the error. Moving the farthest 30 % lifts their cosine to the mean from 0.75 to 0.82 at the 10th
-    percentile (groups of 512; moving all of them: the same, at twice the time)."""
+    percentile (groups of 512; moving all of them: the same, at twice the time).
+
+    `runner` (`distributed.RayGroups`): the nearest centroids, the cells' splits and the moves run there,
+    on the same blocks and cells (the same result); the sums they need stay here."""
     n = queries.shape[0]
     dev = centroids.device
-    near = np.empty(n, dtype=np.int64)
     cd = centroids.to(dtype)
-    cell_sums = torch.zeros(centroids.shape[0], centroids.shape[1], device=dev)
-    for s, q in _blocks(queries, block, dev):
-        a = (q.to(dtype) @ cd.T).max(1).indices  # max: 2.3x faster than argmax in bf16
-        near[s : s + len(q)] = a.cpu().numpy()
-        cell_sums.index_add_(0, a, q)
+    if runner is None:
+        near = np.empty(n, dtype=np.int64)
+        cell_sums = torch.zeros(centroids.shape[0], centroids.shape[1], device=dev)
+        for s, q in _blocks(queries, block, dev):
+            a = _nearest(q, cd)
+            near[s : s + len(q)] = a.cpu().numpy()
+            cell_sums.index_add_(0, a, q)
+    else:
+        near = runner.per_block(queries, block, _nearest, (cd,))
+        cell_sums = _sums(queries, near, centroids.shape[0], block, dev)
     order = np.argsort(near, kind="stable")
+    cells = np.split(order, np.cumsum(np.bincount(near, minlength=centroids.shape[0]))[:-1])
+    big = [idx for idx in cells if len(idx) > size]
+    if runner is None:
+        splits = (_split(torch.from_numpy(host_rows(queries, idx)).to(dev), idx, size, iters) for idx in big)
+    else:
+        splits = iter(runner.splits(queries, big, size, iters))
     groups: list[np.ndarray] = []
     means: list[torch.Tensor] = []
-    for cell, idx in enumerate(np.split(order, np.cumsum(np.bincount(near, minlength=centroids.shape[0]))[:-1])):
+    for cell, idx in enumerate(cells):
         if len(idx) <= size:
             if len(idx):
                 groups.append(idx)
                 means.append(cell_sums[cell])
             continue
-        for part, total in _split(torch.from_numpy(host_rows(queries, idx)).to(dev), idx, size, iters):
+        for part, total in next(splits):
             groups.append(part)
-            means.append(total)
+            means.append(total.to(dev))
     unit_means = torch.nn.functional.normalize(torch.stack(means), dim=1) if means else torch.zeros(0, queries.shape[1])
     if regroup <= 0 or len(groups) < 2:
         return QueryGroups(groups, unit_means)
-    return _regroup(queries, groups, unit_means, regroup, block, dtype)
+    return _regroup(queries, groups, unit_means, regroup, block, dtype, runner)
+
+
+def _nearest(q: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Each fp32 row's nearest of the unit `centroids` (in their dtype; max: 2.3x faster than argmax in bf16)."""
+    return (q.to(centroids.dtype) @ centroids.T).max(1).indices
+
+
+def _moved(q: torch.Tensor, at: torch.Tensor, means: torch.Tensor, md: torch.Tensor, threshold: float
+           ) -> torch.Tensor:
+    """Group assignments `at` of fp32 rows `q`, those of cosine <= `threshold` to their group's unit mean
+    (`means`) moved to the nearest of them (`md`: the means in the GEMM dtype)."""
+    far = torch.nonzero((q * means[at]).sum(1) <= threshold).squeeze(1)
+    if len(far):
+        at = at.clone()
+        at[far] = _nearest(q[far], md)
+    return at
+
+
+def _sums(queries, labels: np.ndarray, k: int, block: int, dev: torch.device) -> torch.Tensor:
+    """Per label, the sum of its fp32 rows (k, d), added block by block as the local loops add them."""
+    sums = torch.zeros(k, queries.shape[1], device=dev)
+    for s, q in _blocks(queries, block, dev):
+        sums.index_add_(0, torch.from_numpy(labels[s : s + len(q)]).to(dev), q)
+    return sums
 
 
 class QueryGroups(list):
@@ -144,7 +181,7 @@ def _blocks(queries, block: int, dev: torch.device):
 
 
 def _regroup(queries, groups: list[np.ndarray], means: torch.Tensor, share: float, block: int,
-             dtype: torch.dtype) -> QueryGroups:
+             dtype: torch.dtype, runner=None) -> QueryGroups:
     """`groups` with the `share` of queries of lowest cosine to their group's unit mean moved to the group
     of nearest mean (the threshold a quantile of a strided sample of ~20k queries), with their new means;
     empty groups dropped."""
@@ -155,15 +192,17 @@ def _regroup(queries, groups: list[np.ndarray], means: torch.Tensor, share: floa
     at = torch.from_numpy(assign).to(means.device)
     probe = np.arange(0, n, max(1, n // 20000))
     q = torch.from_numpy(host_rows(queries, probe)).to(means.device).float()
-    threshold = torch.quantile((q * means[at[probe]]).sum(1), share) if share < 1 else math.inf
+    threshold = float(torch.quantile((q * means[at[probe]]).sum(1), share)) if share < 1 else math.inf
     md = means.to(dtype)
-    sums = torch.zeros_like(means)
-    for s, q in _blocks(queries, block, means.device):
-        far = torch.nonzero((q * means[at[s : s + len(q)]]).sum(1) <= threshold).squeeze(1)
-        if len(far):
-            at[s + far] = (q[far].to(dtype) @ md.T).max(1).indices
-        sums.index_add_(0, at[s : s + len(q)], q)
-    assign = at.cpu().numpy()
+    if runner is None:
+        sums = torch.zeros_like(means)
+        for s, q in _blocks(queries, block, means.device):
+            at[s : s + len(q)] = _moved(q, at[s : s + len(q)], means, md, threshold)
+            sums.index_add_(0, at[s : s + len(q)], q)
+        assign = at.cpu().numpy()
+    else:
+        assign = runner.per_block(queries, block, _moved, (means, md, threshold), per_row=assign)
+        sums = _sums(queries, assign, len(means), block, means.device)
     order = np.argsort(assign, kind="stable")
     counts = np.bincount(assign, minlength=len(groups))
     kept = torch.from_numpy(np.flatnonzero(counts)).to(means.device)
@@ -674,9 +713,9 @@ def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list
     """`aggregate(..., method="ivf")` with `IVFSettings(select="groups")`: queries grouped around the
     memory partition's `centroids`, `rows` calibrated (unless set) on a sample against exact, every group
     written into `outs`, and the rest of the sample's cosines to exact read from that pass. Returns the
-    report. `runner` runs the groups, calibration's exact references and the exact fallback elsewhere
-    (`distributed.RayGroups`: grouping and calibration's trials need all the queries and stay here; the
-    groups then run as independent tasks)."""
+    report. `runner` runs grouping's per-query and per-cell work, calibration's exact references, the
+    groups and the exact fallback elsewhere (`distributed.RayGroups`; calibration's trials need all the
+    sample's groups and stay here)."""
     from pairfree.memory import aggregate, put_rows
     from pairfree.progress import progress as progress_bar
 
@@ -684,7 +723,7 @@ def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list
     t0 = time.perf_counter()
     gm = GroupedMemory(keys, values, device, dtype, seed=settings.seed)
     groups = query_groups(queries, torch.from_numpy(centroids).to(device), settings.group_size, dtype=dtype,
-                          regroup=settings.regroup)
+                          regroup=settings.regroup, runner=runner)
     t1 = time.perf_counter()
     report, check = calibrate(gm, queries, keys, values, groups, tau, settings, device, runner)
     t2 = time.perf_counter()
