@@ -72,7 +72,8 @@ class TrainConfig:
                                      "queries (needs aggregation_min_cosine; 10x faster than lists at 0.999 at paper scale)")
     aggregation_backend: str = option("local", choices=("local", "ray"), doc="run the aggregation here or as "
                                       "Ray tasks over query shards, or with aggregation_select=groups over "
-                                      "batches of groups (RAY_ADDRESS, else a local Ray; the same result)")
+                                      "query blocks and cells (grouping), sample shards (calibration's references) "
+                                      "and batches of groups (RAY_ADDRESS, else a local Ray; the same result)")
     pseudo_pairs: str = option("aggregate", choices=("aggregate", "retrieve"), doc="pseudo partners: the "
                                "softmax aggregate of the memory (the papers) or its single nearest item "
                                "(OmniBind's pseudo item pairs)")
