@@ -373,7 +373,8 @@ def test_ray_grouping_equals_the_local_one(local_ray, size):
 def test_ray_references_equal_the_local_exact_ones(rng, local_ray):
     """Calibration's exact references as Ray query shards (`RayGroups.reference`): against a float16 memory map
     in fp32 (the check's) and against the memory's bf16 copy in bf16 (calibration's), with the keys among the
-    values, equal to the local exact aggregates (<= 1e-6); each memory is put once however often it is used."""
+    values, equal to the local exact aggregates (<= 1e-6); each memory is put once however often it is used,
+    and one used with keep=False is released after."""
     import torch
 
     from pairfree.distributed import RayGroups
@@ -388,6 +389,8 @@ def test_ray_references_equal_the_local_exact_ones(rng, local_ray):
     got_bf16 = runner.reference(q, kb, [kb, vb], tau=0.05, dtype=torch.bfloat16)
     want_bf16 = aggregate(q, kb, [kb, vb], tau=0.05, normalize=False, dtype=torch.bfloat16)
     runner.reference(q[:5], kb, [kb, vb], tau=0.05, dtype=torch.bfloat16)
+    assert len(runner._refs) == 4
+    runner.reference(q[:5], k[:100], [k[:100]], tau=0.05, dtype=torch.float32, keep=False)  # released after
     assert len(runner._refs) == 4
     for a, b in zip(got + got_bf16, want + want_bf16):
         assert a.shape == b.shape and a.dtype == torch.float32

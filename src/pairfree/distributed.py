@@ -187,16 +187,23 @@ class RayGroups:
     def _value_refs(self, keys, values: list) -> list:
         return [None if v is None or v is keys else self._put(v) for v in values]
 
-    def reference(self, q: np.ndarray, keys, values: list, *, tau: float, dtype: torch.dtype) -> list[torch.Tensor]:
+    def reference(self, q: np.ndarray, keys, values: list, *, tau: float, dtype: torch.dtype,
+                  keep: bool = True) -> list[torch.Tensor]:
         """Exact aggregates (unnormalised, fp32) of sample queries `q` against `keys`/`values`, as query shards:
         calibration's reference and the check's (a quarter of a hop's time on the driver at paper scale
-        before they ran here)."""
+        before they ran here). `keep`: leave the memories put for later tasks (the GEMM dtype's copy, which
+        the groups read); the check's float16 or float32 memory is released after it (at paper scale ~5 GB
+        of the object store on a two-value hop)."""
         task = self.ray.remote(_reference_shard)
+        fresh = [x for x in (keys, *values) if x is not None and id(x) not in self._refs]
         keys_ref, vals = self._put(keys), self._value_refs(keys, values)
         bounds = np.unique(np.linspace(0, len(q), min(self.requested or self.cpus, len(q)) + 1).astype(int))
         done = dict(self._each(list(zip(bounds[:-1], bounds[1:])),
                                lambda job: task.remote(q[job[0] : job[1]], keys_ref, vals, tau, dtype)))
         parts = [done[job] for job in zip(bounds[:-1], bounds[1:])]
+        if not keep:
+            for x in fresh:
+                self._refs.pop(id(x), None)
         return [torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in range(len(values))]
 
     def _each(self, jobs: list, submit):

@@ -820,10 +820,10 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
     chk = sample[np.sort(perm[n_cal:])] if len(sample) > 1 else cal
     strata = None
 
-    def reference(ids: np.ndarray, k, vs: list, dtype: torch.dtype) -> list[torch.Tensor]:
+    def reference(ids: np.ndarray, k, vs: list, dtype: torch.dtype, keep: bool = True) -> list[torch.Tensor]:
         q = host_rows(queries, ids)
-        if runner is not None:
-            return runner.reference(q, k, vs, tau=tau, dtype=dtype)
+        if runner is not None:  # the memory's GEMM-dtype copy stays put for the groups; the check's is released
+            return runner.reference(q, k, vs, tau=tau, dtype=dtype, keep=keep)
         return [torch.from_numpy(e) for e in aggregate(q, k, vs, tau=tau, device=device, normalize=False, dtype=dtype)]
 
     t0 = time.perf_counter()
@@ -838,7 +838,7 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
         rows = choose_rows(gm, queries, groups, cal, exact, tau, settings.min_cosine, settings.tail, strata=strata,
                            trials=trials)
     t1 = time.perf_counter()
-    check = Check(chk, reference(chk, keys, list(values), torch.float32))
+    check = Check(chk, reference(chk, keys, list(values), torch.float32, keep=False))
     t2 = time.perf_counter()
     rows = min(m, rows)
     sizes = np.array([len(g) for g in groups])
