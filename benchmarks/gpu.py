@@ -8,7 +8,8 @@ world's clip text -> clip image hop (`pairfree.toy.scale`, its first rows, regen
 Ex-MCR heads at batch 4096,
 and a tiny CLIP checkpoint written locally. Each part reports a ratio to the GEMM rate measured in the
 same run, or an accuracy against fp32, never a bare time alone. `--device cpu --memory 50000
---queries 2048` runs the same code on a CPU (a dry run).
+--queries 2048` runs the same code on a CPU (a dry run; `--quick --memory 20000 --queries 256
+--train-steps 1` in ~1 min, which tests/test_gpu_script.py runs).
 """
 
 from __future__ import annotations
@@ -48,12 +49,18 @@ def timed(fn, dev, reps: int = 3) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def gemm_rates(dev) -> dict[str, float]:
+#: GEMM shapes (n, k, m) whose best rate is "the GEMM rate"; `--quick` takes the small ones (a CPU dry run:
+#: float16 GEMMs on a CPU run at a tenth of the fp32 rate, and the full sweep alone takes a minute there)
+GEMM_SHAPES = ((8192, 512, 8192), (4096, 512, 65536), (16384, 1024, 4096))
+QUICK_GEMM_SHAPES = ((1024, 512, 2048), (512, 512, 8192), (2048, 1024, 512))
+
+
+def gemm_rates(dev, shapes=GEMM_SHAPES) -> dict[str, float]:
     out = {}
     for name in ("float32", "float16", "bfloat16"):
         dt = getattr(torch, name)
         best = 0.0
-        for n, k, m in ((8192, 512, 8192), (4096, 512, 65536), (16384, 1024, 4096)):
+        for n, k, m in shapes:
             a, b = torch.randn(n, k, device=dev, dtype=dt), torch.randn(m, k, device=dev, dtype=dt)
             best = max(best, 2 * n * k * m / timed(lambda: a @ b.T, dev) / 1e9)
         out[name] = round(best, 1)
@@ -146,6 +153,7 @@ def training(dev, steps: int, rates: dict[str, float]) -> dict:
         if precision == "fp16" and dev.type != "cuda":
             continue
         cfg = ExMCRConfig(precision=precision, epochs=1, device=str(dev))
+        torch.manual_seed(0)  # one initial head for every precision: their first losses are comparable
         head = DecoupledProjector(512, 512).to(dev)
         step = make_step(head, cfg)
         batch = {r: data[r][:4096].to(dev) for r in ROLES}
@@ -162,9 +170,9 @@ def training(dev, steps: int, rates: dict[str, float]) -> dict:
         rate = rates["float32" if precision == "fp32" else "float16" if precision == "fp16" else "bfloat16"]
         out[precision] = {"s_per_step": round(s, 4), "gflops": round(flops / s / 1e9, 1),
                           "ratio_to_gemm": round(flops / s / 1e9 / rate, 3),
-                          "epoch_s_5.41M": round(s * math.ceil(5_410_000 / 4096), 1)}
+                          "epoch_s_5.41M": round(s * math.ceil(5_410_000 / 4096), 1), "first_loss": float(loss)}
         print(f"train {precision}: {s:.3f} s/step, {flops / s / 1e9:.1f} GFLOP/s ({flops / s / 1e9 / rate:.2f} of GEMM), "
-              f"a 5.41M-tuple epoch {out[precision]['epoch_s_5.41M']} s", flush=True)
+              f"a 5.41M-tuple epoch {out[precision]['epoch_s_5.41M']} s, first loss {float(loss):.5f}", flush=True)
     return out
 
 
@@ -202,12 +210,14 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=65536)
     p.add_argument("--train-steps", type=int, default=50)
     p.add_argument("--out", default="runs/bench/gpu")
+    p.add_argument("--quick", action="store_true",
+                   help="small GEMM shapes for the rate (a dry run on a CPU; the tests run one)")
     args = p.parse_args()
     dev = torch.device(args.device)
     info = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d")}
     print(info, flush=True)
-    rates = gemm_rates(dev)
+    rates = gemm_rates(dev, QUICK_GEMM_SHAPES if args.quick else GEMM_SHAPES)
     print(f"GEMM GFLOP/s: {rates}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
