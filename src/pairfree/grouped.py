@@ -2,7 +2,7 @@
 
 IVF scans whole lists, and at τ = 0.01 the rows that carry a query's softmax weight are spread over
 hundreds of them: for cosine 0.999 to exact it scans 15-26x the rows a perfect selector would
-(README, "Paper scale"). Scoring each query's own best rows is no cure either: rows that differ from
+(docs/paper_scale.md). Scoring each query's own best rows is no cure either: rows that differ from
 query to query cannot share a GEMM, and gathering them runs at memory speed. Here nearby queries
 share one selection, as in clustered attention (Vyas et al., 2020):
 
@@ -22,7 +22,7 @@ share one selection, as in clustered attention (Vyas et al., 2020):
      and mass over the selection are unbiased estimates of its own over the whole memory. At τ = 0.01
      a fifth of a paper-scale mean's softmax mass lies beyond its 16k best rows, spread over millions;
      sampled, it takes 1.4-2.6x fewer rows than the mean's tail for cosine 0.999, at a wider spread
-     over queries (README).
+     over queries (docs/paper_scale.md).
    - "mean": the best rows, and the mean's own softmax outside them, as a weighted sum and a mass
      relative to the selection's ("improved clustered attention"): out = (softmax average over the
      selection + tail_vector) / (1 + tail_mass). A group of one query is then exact for any `rows`.
@@ -385,7 +385,7 @@ class GroupedMemory:
         row to row), so the group's average softmax, the proposal that serves all of its members, is
         the mean's at τ / r. Drawn at τ, the sample is sharper than that and under-draws the rows its
         far members weigh (at paper scale r is ~0.8, and drawn at τ / r a selection reaches the same
-        mean cosine with ~20 % fewer rows, README)."""
+        mean cosine with ~20 % fewer rows, docs/paper_scale.md)."""
         for s in range(0, len(groups), batch):
             batch_groups = groups[s : s + batch]
             qs = [torch.from_numpy(host_rows(queries, g)).to(self.device) for g in batch_groups]
@@ -671,7 +671,7 @@ class Strata:
     variance by the few far queries it happens to hold: its two standard errors cost a quarter of the
     rows at cosine 0.999. Drawn in equal numbers from strata of that cosine (the farthest 5 %, 5-10 %,
     10-20 %, 20-40 %, the rest) and weighted by their shares, the estimate of the mean is unbiased and
-    its standard error smaller (0.6x on a test world; README)."""
+    its standard error smaller (0.6x on a test world; docs/paper_scale.md)."""
 
     def __init__(self, labels: np.ndarray, weights: np.ndarray):
         self.labels, self.weights = labels, weights
@@ -805,7 +805,7 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
     `grouped_aggregate` before it runs, and the `Check` of the rest of the sample that its pass fills.
 
     The calibration queries' exact reference is computed in the GEMM dtype (in bf16 its cosine to fp32 is
-    >= 0.99999 at paper scale, README), the check's in float32: the cosines reported are to fp32 exact.
+    >= 0.99999 at paper scale, docs/paper_scale.md), the check's in float32: the cosines reported are to fp32 exact.
     `report["seconds"]` times the choice (its reference included, and apart) and the check's reference
     apart (the check is a measurement: a run without one would choose the same rows). `runner`
     (`distributed.RayGroups`): both references run there as query shards."""

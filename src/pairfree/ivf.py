@@ -15,14 +15,14 @@ mass (mean, p99, max) and the cosine of the aggregated vectors to exact (mean, 1
 When it pays: when a query's softmax mass sits on few lists. At τ1 = 0.01 against a million-row
 memory with CLIP-like cross-modal score statistics (mean 0.17, standard deviation 0.033) it does
 not: the 0.07 % best rows carry half the mass, 90 % needs 2.6 % of the rows and 99 % needs 18 %
-(the paper-scale world, README). Then the calibration asks for most lists, and when the probes
+(the paper-scale world, docs/paper_scale.md). Then the calibration asks for most lists, and when the probes
 would scan more than `exact_above` of the memory the exact fused kernel runs instead (it is
 faster than scanning lists). Use `min_cosine` to trade accuracy for time explicitly.
 
 How far from the best: `oracle_rows` measures the rows a perfect selector would score (the largest
 softmax weights, found for free). The aggregate's direction rests on few rows (0.01-0.02 % of the
 paper-scale memories for cosine 0.99, 0.4-0.6 % for 0.999), but they are spread over many lists:
-lists scan 15-26x those rows for 0.999, and finer lists do not close the gap (README).
+lists scan 15-26x those rows for 0.999, and finer lists do not close the gap (docs/paper_scale.md).
 `select="groups"` (`pairfree.grouped`) shares one row-level selection per group of nearby queries
 instead, which scans several times fewer rows for the same cosine.
 
