@@ -161,6 +161,34 @@ def test_rows_calibrate_in_the_gemm_dtype_and_the_check_is_against_fp32(world, m
     assert calls == [(150, torch.float32)] and rep["rows"] == 512
 
 
+def test_the_checks_reference_streams_the_memory_with_the_same_result(world, monkeypatch):
+    """The check's fp32 reference keeps at most CHECK_RESIDENT_BYTES of the memory converted at once (a
+    resident fp32 copy of a paper-scale float16 memory is 2.7 GB, one per Ray task): streamed through a
+    limit far below this memory's size, it equals the resident reference bit for bit."""
+    import pairfree.grouped
+    import pairfree.memory
+    from pairfree.grouped import CHECK_RESIDENT_BYTES, calibrate
+
+    q, k, v = world["q"], world["k"].astype(np.float16), world["v"].astype(np.float16)
+    gm = GroupedMemory(k, [k, v], torch.device("cpu"), torch.bfloat16)
+    groups = query_groups(q, torch.from_numpy(unit(np.random.default_rng(3), 8, q.shape[1])), size=64)
+    settings = IVFSettings(select="groups", rows=512, sample=300)
+    limits, real = [], pairfree.memory.aggregate
+
+    def spy(*args, resident_bytes=4 << 30, **kwargs):
+        limits.append(resident_bytes)
+        return real(*args, resident_bytes=resident_bytes, **kwargs)
+
+    monkeypatch.setattr(pairfree.memory, "aggregate", spy)
+    _, resident = calibrate(gm, q, k, [k, v], groups, 0.01, settings, torch.device("cpu"))
+    assert limits == [CHECK_RESIDENT_BYTES] and k.nbytes * 2 < CHECK_RESIDENT_BYTES  # resident here
+    monkeypatch.setattr(pairfree.grouped, "CHECK_RESIDENT_BYTES", 4096)  # a few rows at a time
+    _, streamed = calibrate(gm, q, k, [k, v], groups, 0.01, settings, torch.device("cpu"))
+    assert limits == [CHECK_RESIDENT_BYTES, 4096]
+    for a, b in zip(resident.exact, streamed.exact):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("share", [0.3, 1.0])
 def test_regroup_moves_the_farthest_queries_to_the_nearest_mean(world, share):
     """The `share` of queries of lowest cosine to their group's unit mean (computed directly here) move to

@@ -93,12 +93,14 @@ def _values(keys: torch.Tensor, values: list) -> list[torch.Tensor]:
     return [keys if v is None or isinstance(v, str) else _unshared(ray.get(v)) for v in values]
 
 
-def _reference_shard(q: np.ndarray, keys: np.ndarray, values: list, tau: float, dtype: torch.dtype) -> list:
+def _reference_shard(q: np.ndarray, keys: np.ndarray, values: list, tau: float, dtype: torch.dtype,
+                     resident_bytes: int) -> list:
     """Exact aggregates (unnormalised) of a shard of calibration's or the check's sample queries."""
     from pairfree.memory import aggregate
 
     k = _unshared(keys)
-    return aggregate(q, k, _values(k, values), tau=tau, normalize=False, dtype=dtype, backend="local")
+    return aggregate(q, k, _values(k, values), tau=tau, normalize=False, dtype=dtype, backend="local",
+                     resident_bytes=resident_bytes)
 
 
 def _groups_shard(q: np.ndarray, ids: np.ndarray, lengths: np.ndarray, keys: np.ndarray, values: list,
@@ -188,7 +190,7 @@ class RayGroups:
         return [None if v is None or v is keys else self._put(v) for v in values]
 
     def reference(self, q: np.ndarray, keys, values: list, *, tau: float, dtype: torch.dtype,
-                  keep: bool = True) -> list[torch.Tensor]:
+                  keep: bool = True, resident_bytes: int = 4 << 30) -> list[torch.Tensor]:
         """Exact aggregates (unnormalised, fp32) of sample queries `q` against `keys`/`values`, as query shards:
         calibration's reference and the check's (a quarter of a hop's time on the driver at paper scale
         before they ran here). `keep`: leave the memories put for later tasks (the GEMM dtype's copy, which
@@ -199,7 +201,7 @@ class RayGroups:
         keys_ref, vals = self._put(keys), self._value_refs(keys, values)
         bounds = np.unique(np.linspace(0, len(q), min(self.requested or self.cpus, len(q)) + 1).astype(int))
         done = dict(self._each(list(zip(bounds[:-1], bounds[1:])),
-                               lambda job: task.remote(q[job[0] : job[1]], keys_ref, vals, tau, dtype)))
+                               lambda job: task.remote(q[job[0] : job[1]], keys_ref, vals, tau, dtype, resident_bytes)))
         parts = [done[job] for job in zip(bounds[:-1], bounds[1:])]
         if not keep:
             for x in fresh:

@@ -659,6 +659,8 @@ def choose_rows(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: l
 
 
 #: calibration's strata: these quantiles of the queries' cosine to their group's mean (the farthest first)
+#: the check's fp32 reference keeps at most this much of the memory converted at once (see `calibrate`)
+CHECK_RESIDENT_BYTES = 256 << 20
 STRATA = (0.05, 0.1, 0.2, 0.4)
 
 
@@ -808,7 +810,12 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
     >= 0.99999 at paper scale, docs/paper_scale.md), the check's in float32: the cosines reported are to fp32 exact.
     `report["seconds"]` times the choice (its reference included, and apart) and the check's reference
     apart (the check is a measurement: a run without one would choose the same rows). `runner`
-    (`distributed.RayGroups`): both references run there as query shards."""
+    (`distributed.RayGroups`): both references run there as query shards.
+
+    The check's fp32 reference streams the memory (`CHECK_RESIDENT_BYTES`): for a sample of ~2000
+    queries, a resident fp32 copy of a float16 paper-scale memory (2.7 GB for 1.3M x 512) costs as much
+    as it saves, and on Ray every reference task held one, which on a 23 GB machine evicted the
+    queries' page cache from under the groups' pass. Streamed, the result is the same bit for bit."""
     from pairfree.memory import aggregate
 
     n, m = queries.shape[0], keys.shape[0]
@@ -820,11 +827,13 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
     chk = sample[np.sort(perm[n_cal:])] if len(sample) > 1 else cal
     strata = None
 
-    def reference(ids: np.ndarray, k, vs: list, dtype: torch.dtype, keep: bool = True) -> list[torch.Tensor]:
+    def reference(ids: np.ndarray, k, vs: list, dtype: torch.dtype, keep: bool = True,
+                  resident_bytes: int = 4 << 30) -> list[torch.Tensor]:
         q = host_rows(queries, ids)
         if runner is not None:  # the memory's GEMM-dtype copy stays put for the groups; the check's is released
-            return runner.reference(q, k, vs, tau=tau, dtype=dtype, keep=keep)
-        return [torch.from_numpy(e) for e in aggregate(q, k, vs, tau=tau, device=device, normalize=False, dtype=dtype)]
+            return runner.reference(q, k, vs, tau=tau, dtype=dtype, keep=keep, resident_bytes=resident_bytes)
+        return [torch.from_numpy(e) for e in aggregate(q, k, vs, tau=tau, device=device, normalize=False, dtype=dtype,
+                                                       resident_bytes=resident_bytes)]
 
     t0 = time.perf_counter()
     rows, trials, cal_reference_s = settings.rows, [], 0.0
@@ -838,7 +847,7 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
         rows = choose_rows(gm, queries, groups, cal, exact, tau, settings.min_cosine, settings.tail, strata=strata,
                            trials=trials)
     t1 = time.perf_counter()
-    check = Check(chk, reference(chk, keys, list(values), torch.float32, keep=False))
+    check = Check(chk, reference(chk, keys, list(values), torch.float32, keep=False, resident_bytes=CHECK_RESIDENT_BYTES))
     t2 = time.perf_counter()
     rows = min(m, rows)
     sizes = np.array([len(g) for g in groups])
