@@ -314,15 +314,20 @@ def test_ray_groups_equal_the_local_path(world, local_ray, dtype):
     rep_local, rep_ray = {}, {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    rep_one = {}
     try:
-        one_thread = aggregate(q, k, [k, v], method="ivf", ivf=settings, dtype=dtype)
+        one_thread = aggregate(q, k, [k, v], method="ivf", ivf=settings, dtype=dtype, report=rep_one)
     finally:
         torch.set_num_threads(threads)
     local = aggregate(q, k, [k, v], method="ivf", ivf=settings, dtype=dtype, report=rep_local)
     remote = aggregate(q, k, [k, v], method="ivf", ivf=settings, dtype=dtype, backend="ray", report=rep_ray)
     assert rep_ray["backend"] == "ray" and rep_ray["shards"] == 2 and rep_local["groups"] > 2 * 64
-    for key in ("rows", "groups", "work_fraction", "cosine_to_exact", "calibration_trials"):
+    for key in ("rows", "groups", "work_fraction", "cosine_to_exact"):
         assert rep_ray[key] == rep_local[key], key
+    # calibration's kept selections are built by one-thread tasks: its trials are the one-thread run's
+    assert rep_ray["calibration_trials"] == rep_one["calibration_trials"]
+    for a, b in zip(rep_ray["calibration_trials"], rep_local["calibration_trials"], strict=True):
+        assert a["rows"] == b["rows"] and a["mean"] == pytest.approx(b["mean"], abs=2e-6)
     assert {"calibration_reference", "check_reference"} <= set(rep_ray["seconds"])
     assert 0 < rep_ray["seconds_in_ray_tasks"] < sum(rep_ray["seconds"][k] for k in ("grouping", "choose_rows",
                                                                                    "check_reference", "aggregation"))
@@ -395,6 +400,57 @@ def test_ray_references_equal_the_local_exact_ones(rng, local_ray):
     for a, b in zip(got + got_bf16, want + want_bf16):
         assert a.shape == b.shape and a.dtype == torch.float32
         np.testing.assert_allclose(a.numpy(), b, atol=1e-6)
+
+
+@pytest.mark.parametrize("tail", ["sampled", "mean"])
+def test_ray_kept_selections_equal_the_local_ones(local_ray, tail):
+    """Calibration's kept selections built as Ray tasks (`RayGroups.kept`: whole batches of the sample's
+    groups, float16 queries, bf16 memory put once) and joined on the driver: every group's sample queries,
+    rows, tails and block sums equal a local `KeptSelections` on the tasks' one thread bit for bit, so every
+    trial reads the same cosines; three shards, one of a single group."""
+    import torch
+
+    from pairfree.distributed import RayGroups
+    from pairfree.grouped import GroupedMemory, KeptSelections, _members, _sample_cosines, query_groups
+
+    rng = np.random.default_rng(12)
+    centres = unit(rng, 40, 32)
+    q = clustered(rng, 4000, 32, centres, 0.2).astype(np.float16)
+    k = clustered(rng, 3000, 32, centres, 0.2)
+    v = unit(rng, 3000, 8)
+    gm = GroupedMemory(k, [k, v], torch.device("cpu"), torch.bfloat16, seed=3)
+    groups = query_groups(q, torch.from_numpy(unit(rng, 12, 32)), 10)
+    sample = np.sort(rng.choice(len(q), 300, replace=False))
+    subset, inside = _members(groups, sample)
+    assert len(subset) > 129
+    subset, inside = subset[:129], inside[:129]  # batches of 64, 64 and 1 group
+    runner = RayGroups(shards=3)
+    remote = runner.kept(gm, q, subset, inside, 640, 0.02, tail)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = KeptSelections(gm, q, subset, inside, 640, 0.02, tail)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(remote.ids) == len(local.ids) == 129 and remote.rows == local.rows and remote.block == local.block
+
+    def flat(x):
+        if isinstance(x, (list, tuple)):
+            return [y for z in x for y in flat(z)]
+        bf16 = isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16
+        return [] if x is None else [np.asarray(x.float() if bf16 else x)]
+
+    for name in KeptSelections.STATE:
+        a, b = flat(getattr(remote, name)), flat(getattr(local, name))
+        assert len(a) == len(b) > 0, name
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y, err_msg=name)
+    picked = np.sort(np.concatenate(inside))
+    exact = [torch.from_numpy(e) for e in aggregate(q[picked], k, [k, v], tau=0.02, normalize=False)]
+    for rows in (320, 330, 640):  # on the kept blocks' grid, off it (computed directly), all kept
+        got, want = (_sample_cosines(gm, q, groups, picked, exact, rows, 0.02, tail, kept) for kept in (remote, local))
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        assert got.mean() > 0.9
 
 
 def test_exmcr_passes_on_ray_groups_write_the_local_pools(rng, local_ray, tmp_path, monkeypatch):

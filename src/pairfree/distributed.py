@@ -9,10 +9,10 @@ object store; the tasks only scan lists. With `IVFSettings(select="groups")` (`R
 per-query work (nearest centroids, the moves of the farthest queries) runs as tasks of whole query
 blocks and the cells' k-means splits as tasks of whole cells, calibration's and the check's exact
 references as query shards, and the run as tasks of whole batches of groups against the memory in
-its GEMM dtype; the driver keeps what needs every query (the cells' and groups' sums, the order of
-the groups, calibration's trials). Each block, cell and group is computed as one machine computes
-it, so the result is the local one. The
-callers (C-MCR pseudo pairs, the Ex-MCR passes) write the result to the same cache entries as the
+its GEMM dtype, and calibration's kept selections as tasks of whole batches of its sample's groups;
+the driver keeps what needs every query (the cells' and groups' sums, the order of the groups, the
+trials' reading of the kept selections). Each block, cell and group is computed as one machine
+computes it, so the result is the local one. The callers (C-MCR pseudo pairs, the Ex-MCR passes) write the result to the same cache entries as the
 local path (`aggregation_backend: ray`).
 
 Ray starts a local instance when none is running (`RAY_ADDRESS` connects to a cluster).
@@ -122,6 +122,18 @@ def _groups_shard(q: np.ndarray, ids: np.ndarray, lengths: np.ndarray, keys: np.
 
     scored = gm.aggregate(q, groups, rows, tau, tail, batch=batch, sink=sink, ids=ids)
     return outs, scored
+
+
+def _kept_shard(q: np.ndarray, ids: np.ndarray, lengths: np.ndarray, members: list, keys: np.ndarray, values: list,
+                dtype: torch.dtype, seed: int, rows: int, tau: float, tail: str) -> dict:
+    """Calibration's `KeptSelections` of one shard of the sample's groups (as `_groups_shard` takes them;
+    `members`: each group's sample queries, indices among all): its state, for the driver's trials."""
+    from pairfree.grouped import GroupedMemory, KeptSelections
+
+    k = _unshared(keys)
+    gm = GroupedMemory(k, _values(k, values), torch.device("cpu"), dtype, seed)
+    groups = np.split(np.arange(len(q)), np.cumsum(lengths)[:-1])
+    return KeptSelections(gm, q, groups, members, rows, tau, tail, ids=ids).state()
 
 
 def _blocks_shard(q: np.ndarray, per_row: np.ndarray | None, fn, block: int, args: tuple) -> np.ndarray:
@@ -275,6 +287,28 @@ class RayGroups:
             sink(np.concatenate(groups[a:b]), [as_tensor(o) for o in outs])
             scored += count
         return scored
+
+    def kept(self, gm, queries, groups: list[np.ndarray], members: list[np.ndarray], rows: int, tau: float,
+             tail: str, batch: int = 64):
+        """Calibration's `KeptSelections` of the sample's `groups` (their sample queries `members`), built as
+        tasks of whole batches of groups, as `groups` runs them (each group's selection and sums are the
+        ones one machine computes), and joined here, where the trials read them. Sampled, what comes back
+        is ~65 fp32 rows per sample query and value (~270 MB for 1000 queries of a two-value hop)."""
+        from pairfree.grouped import KeptSelections
+
+        sizes = np.array([len(g) for g in groups])
+        cuts = group_shards(sizes, self.requested or self.cpus, batch)
+        keys_ref, vals = self._put(gm.keys), self._value_refs(gm.keys, gm.values)
+        task = self.ray.remote(_kept_shard)
+
+        def submit(job: tuple[int, int]):
+            a, b = job
+            ids = np.concatenate(groups[a:b])
+            return task.remote(_stored(queries, ids), ids, sizes[a:b], members[a:b], keys_ref, vals, gm.dtype,
+                               gm.seed, rows, tau, tail)
+
+        done = dict(self._each(cuts, submit))
+        return KeptSelections.joined(gm, [done[job] for job in cuts], rows, tau, tail)
 
     def exact(self, queries, keys, values: list, *, tau: float, outs: list[np.ndarray], normalize: bool,
               progress: bool | str, dtype: torch.dtype) -> None:

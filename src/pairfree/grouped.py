@@ -35,7 +35,7 @@ one kept pass (`KeptSelections`), and a uniform sample checks the run against fp
 from its group's mean is served worse than the mean query: the report's 1st percentile and minimum say
 how much. Groups are formed over all the queries of
 a call (denser queries, tighter groups); on Ray (`distributed.RayGroups`) the driver keeps the sums
-that need every query and calibration's trials, and tasks do the rest.
+that need every query and the reading of calibration's trials, and tasks do the rest.
 """
 
 from __future__ import annotations
@@ -483,7 +483,10 @@ class KeptSelections:
     `GroupedMemory.group`."""
 
     def __init__(self, gm: GroupedMemory, queries, groups: Sequence[np.ndarray], members: Sequence[np.ndarray],
-                 rows: int, tau: float, tail: str, blocks: int | None = None, batch: int = 64):
+                 rows: int, tau: float, tail: str, blocks: int | None = None, batch: int = 64,
+                 ids: np.ndarray | None = None):
+        """`ids`: as in `GroupedMemory.passes` (a Ray task's shard of the groups' queries); `members` and
+        the kept `self.ids` are then indices among all queries."""
         self.gm, self.tau, self.tail = gm, tau, tail
         self.rows = min(rows, gm.keys.shape[0])
         # sampled block sums cost a GEMM per block (64: ~70 s for 1000 sample queries over 65,536 rows of
@@ -495,8 +498,9 @@ class KeptSelections:
         self.top: list[torch.Tensor] = []
         self.tails: list = []
         self.sums: list = []
-        for s, qs, (top, tails) in gm.passes(queries, groups, self.rows, tau, tail, batch, ordered=True):
+        for s, qs, (top, tails) in gm.passes(queries, groups, self.rows, tau, tail, batch, ordered=True, ids=ids):
             for j, (g, q) in enumerate(zip(groups[s : s + batch], qs)):
+                g = g if ids is None else ids[g]
                 keep = np.isin(g, members[s + j])
                 q = q[torch.from_numpy(keep).to(q.device)]
                 self.ids.append(g[keep])
@@ -510,6 +514,28 @@ class KeptSelections:
                     t = _tail_of(tails, j)
                     self.tails.append(t)
                     self.sums.append(self._prefix_sums(q, top[j], t))
+
+    STATE = ("ids", "q", "top", "tails", "sums")
+
+    def state(self) -> dict[str, list]:
+        """What a trial reads, per group (a Ray task returns it; `joined` puts shards back together). Each
+        tensor copied out of its batch's (a view pickles its whole storage: 64 groups' rows per group)."""
+        def compact(x):
+            if isinstance(x, torch.Tensor):
+                return x.clone()
+            return type(x)(compact(y) for y in x) if isinstance(x, (list, tuple)) else x
+
+        return {name: compact(getattr(self, name)) for name in self.STATE}
+
+    @classmethod
+    def joined(cls, gm: GroupedMemory, states: Sequence[dict[str, list]], rows: int, tau: float, tail: str,
+               blocks: int | None = None) -> "KeptSelections":
+        """The selections of consecutive shards of the groups, each kept by `KeptSelections(...).state()`
+        with the same `rows`, `tail` and `blocks`, as one."""
+        kept = cls(gm, None, [], [], rows, tau, tail, blocks)
+        for name in cls.STATE:
+            setattr(kept, name, [x for state in states for x in state[name]])
+        return kept
 
     def _prefix_sums(self, q: torch.Tensor, top: torch.Tensor, tail):
         """Per block of rows, accumulated: the queries' masses (blocks + 1, n) and weighted sums per
@@ -621,14 +647,16 @@ def _sample_cosines(gm: GroupedMemory, queries, groups, sample: np.ndarray, exac
 
 def choose_rows(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: list[torch.Tensor], tau: float,
                 min_cosine: float, tail: str, keep: int = 16384, strata: "Strata | None" = None,
-                trials: list[dict[str, float]] | None = None) -> int:
+                trials: list[dict[str, float]] | None = None, runner=None) -> int:
     """The fewest shared rows whose mean cosine to exact on the calibration queries, less two standard
     errors, reaches `min_cosine` (`strata`: the sample is stratified, mean and error weighted by them):
     doubling from 2048, then bisection to 1/32 of the answer (its steps stay on the kept blocks' grid).
     The trials read `KeptSelections` of the sample's groups at `keep` rows (built again at the doubling's
     step that outgrows them; the bisection stays below it) instead of each repeating the means' pass and
     the scoring. `trials`, where given, receives each trial's rows, mean cosine and lower bound (the
-    report's `calibration_trials`: how far from the target each step landed)."""
+    report's `calibration_trials`: how far from the target each step landed). `runner`
+    (`distributed.RayGroups`): the kept selections are built as tasks of whole batches of groups, so
+    only the trials' reading of them stays here."""
     from pairfree.ivf import _lower_bound
 
     m = gm.keys.shape[0]
@@ -641,7 +669,10 @@ def choose_rows(gm: GroupedMemory, queries, groups, sample: np.ndarray, exact: l
             return True
         if kept is None or r > kept.rows:
             kept = None  # freed before the next is built
-            kept = KeptSelections(gm, queries, subset, inside, max(r, keep), tau, tail)
+            if runner is not None:
+                kept = runner.kept(gm, queries, subset, inside, max(r, keep), tau, tail)
+            else:
+                kept = KeptSelections(gm, queries, subset, inside, max(r, keep), tau, tail)
         cos = _sample_cosines(gm, queries, groups, sample, exact, r, tau, tail, kept)
         mean = float(cos.mean()) if strata is None else strata.mean(cos)
         bound = _lower_bound(cos) if strata is None else strata.lower_bound(cos)
@@ -715,9 +746,9 @@ def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list
     """`aggregate(..., method="ivf")` with `IVFSettings(select="groups")`: queries grouped around the
     memory partition's `centroids`, `rows` calibrated (unless set) on a sample against exact, every group
     written into `outs`, and the rest of the sample's cosines to exact read from that pass. Returns the
-    report. `runner` runs grouping's per-query and per-cell work, calibration's exact references, the
-    groups and the exact fallback elsewhere (`distributed.RayGroups`; calibration's trials need all the
-    sample's groups and stay here)."""
+    report. `runner` runs grouping's per-query and per-cell work, calibration's exact references and kept
+    selections, the groups and the exact fallback elsewhere (`distributed.RayGroups`; calibration's trials
+    read every kept selection and stay here)."""
     from pairfree.memory import aggregate, put_rows
     from pairfree.progress import progress as progress_bar
 
@@ -845,7 +876,7 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
         exact = reference(cal, gm.keys, [gm.value(i) for i in range(len(gm.values))], gm.dtype)
         cal_reference_s = time.perf_counter() - ta
         rows = choose_rows(gm, queries, groups, cal, exact, tau, settings.min_cosine, settings.tail, strata=strata,
-                           trials=trials)
+                           trials=trials, runner=runner)
     t1 = time.perf_counter()
     check = Check(chk, reference(chk, keys, list(values), torch.float32, keep=False, resident_bytes=CHECK_RESIDENT_BYTES))
     t2 = time.perf_counter()
