@@ -335,10 +335,12 @@ def shard_bounds(n: int, shards: int) -> np.ndarray:
 def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, method: str = "exact",
                   normalize: bool = True, progress: bool | str = False, ivf: Any = None,
                   report: dict | None = None, out=None, **kwargs) -> np.ndarray | list[np.ndarray]:
-    """`memory.aggregate` with query shards as Ray tasks (one per CPU of the cluster by default)."""
-    from pairfree.memory import as_tensor, choose_method, output_arrays, store_rows
+    """`memory.aggregate` with query shards as Ray tasks (one per CPU of the cluster by default). dtype
+    "auto" is resolved here, by the driver's CPU, so that every task computes in the same dtype."""
+    from pairfree.memory import as_tensor, choose_method, compute_dtype, output_arrays, store_rows
     from pairfree.progress import progress as progress_bar
 
+    kwargs["dtype"] = compute_dtype(kwargs.get("dtype", torch.float32), "cpu")
     ray = _ray()
     as_list = isinstance(values, (list, tuple))
     vals = list(values) if as_list else [keys if values is None else values]
@@ -348,13 +350,12 @@ def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, meth
     info: dict[str, Any] = {"method": method, "queries": n, "memory": m, "backend": "ray"}
     if method == "ivf" and ivf is not None and ivf.select == "groups":
         from pairfree.ivf import ivf_aggregate
-        from pairfree.memory import compute_dtype
 
         outs = output_arrays(out, n, [v.shape[1] for v in vals])
         runner = RayGroups(shards)
         ivf_aggregate(queries, keys, vals, tau=kwargs.get("tau", 0.01), settings=ivf, device=torch.device("cpu"),
                       report=info, outs=outs, normalize=normalize, progress=progress,
-                      dtype=compute_dtype(kwargs.get("dtype", torch.float32)), runner=runner)
+                      dtype=kwargs["dtype"], runner=runner)
         info.update(shards=runner.shards, seconds_in_ray_tasks=round(runner.in_tasks, 3))
         if report is not None:
             report.update(info)
@@ -365,11 +366,10 @@ def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, meth
     q = _array(queries)
     if method == "ivf":
         from pairfree.ivf import IVFSettings, ProbedMemory, calibrate, cached_partition
-        from pairfree.memory import compute_dtype
 
         settings = ivf or IVFSettings()
         dev = torch.device("cpu")
-        dt = compute_dtype(kwargs.get("dtype", torch.float32))
+        dt = kwargs["dtype"]
         part = cached_partition(keys, settings.n_lists(m), settings, dev)
         mem = ProbedMemory(keys, vals, part, dev, dt)
         cal = calibrate(mem, queries, kwargs.get("tau", 0.01), settings)

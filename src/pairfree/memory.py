@@ -39,7 +39,7 @@ from pairfree.progress import progress as progress_bar
 
 METHODS = ("auto", "exact", "topk", "ivf")
 KERNELS = ("auto", "sdpa", "chunked")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 #: above this many query x memory pairs (e.g. 200k x 250k), method="auto" approximates with "ivf"
 AUTO_EXACT_PAIRS = 5e10
 
@@ -90,11 +90,17 @@ def _resident(x, device: torch.device, dtype: torch.dtype, max_bytes: int):
     return x
 
 
-def compute_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """The GEMM dtype asked for; "auto": bfloat16 where `device` (default CPU) computes it in hardware,
+    else float32 (`devices.native_bf16`: in software bf16 is several times slower than float32)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"aggregate: dtype must be one of {list(COMPUTE_DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        from pairfree.devices import native_bf16
+
+        return torch.bfloat16 if native_bf16(device if device is not None else "cpu") else torch.float32
     return getattr(torch, dtype)
 
 
@@ -158,7 +164,12 @@ def aggregate(
         raise ValueError(f"aggregate: kernel must be one of {list(KERNELS)}, got {kernel!r}")
     if not (tau > 0 and math.isfinite(tau)):
         raise ValueError(f"aggregate: tau must be a finite number > 0, got {tau}")
-    dt = compute_dtype(dtype)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dt = compute_dtype(dtype, dev)
+    if dtype != "auto":
+        from pairfree.devices import warn_if_slow_bf16
+
+        warn_if_slow_bf16(dt, dev, "aggregate")
     as_list = isinstance(values, (list, tuple))
     vals: Sequence = list(values) if as_list else [keys if values is None else values]
     n, d = queries.shape
@@ -168,7 +179,6 @@ def aggregate(
     for i, v in enumerate(vals):
         if v.shape[0] != m:
             raise ValueError(f"aggregate: values[{i}] has {v.shape[0]} rows, keys have {m}; rows must align")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
     if method == "auto":
         method = choose_method(n, m)
     outs = output_arrays(out, n, [v.shape[1] for v in vals])
@@ -450,7 +460,7 @@ RESULT_SETTINGS = ("tau", "method", "k", "normalize", "dtype", "ivf")
 def cache_settings(kwargs: dict[str, Any], n: int, m: int) -> dict[str, Any]:
     """The result-relevant settings of an aggregate call, with "auto" resolved and defaults filled in."""
     s = {"tau": kwargs.get("tau", 0.01), "method": kwargs.get("method", "exact"), "k": kwargs.get("k", 256),
-         "normalize": kwargs.get("normalize", True), "dtype": str(compute_dtype(kwargs.get("dtype", torch.float32)))}
+         "normalize": kwargs.get("normalize", True), "dtype": str(compute_dtype(kwargs.get("dtype", torch.float32), kwargs.get("device")))}
     if s["method"] == "auto":
         s["method"] = choose_method(n, m)
     if s["method"] != "topk":

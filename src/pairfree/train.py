@@ -62,7 +62,9 @@ class TrainConfig:
                               "calibrated), topk, or auto (exact up to 5e10 query x memory pairs, ivf above)")
     aggregation_k: int = option(256, ge=1, doc="neighbours kept by aggregation='topk'")
     aggregation_dtype: str = option("float32", choices=COMPUTE_DTYPES, doc="compute dtype of the aggregation GEMMs "
-                                    "(fp32 accumulation either way; ivf takes float32 or bfloat16)")
+                                    "(fp32 accumulation either way; ivf takes float32 or bfloat16); auto: "
+                                    "bfloat16 where the device has it in hardware (AVX512-BF16 or AMX CPUs, "
+                                    "Ampere or newer GPUs), else float32")
     aggregation_max_dropped: float = option(0.01, gt=0, le=0.5, doc="aggregation='ivf': bound on the softmax mass "
                                             "left out, at the 99th percentile of a calibration sample")
     aggregation_min_cosine: float | None = option(None, gt=0, le=1, doc="aggregation='ivf': instead of the mass "
@@ -259,6 +261,10 @@ def autocast_context(precision: str, device: torch.device):
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision 'fp16' needs a CUDA device (fp16 matmuls are slow on CPU and need loss "
                          "scaling); use 'bf16' on CPU")
+    if precision == "bf16":
+        from pairfree.devices import warn_if_slow_bf16
+
+        warn_if_slow_bf16(torch.bfloat16, device, "training precision 'bf16'")
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
