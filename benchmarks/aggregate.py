@@ -137,7 +137,10 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--device", dev, "--peak-child", str(nq), str(8192), str(d)],
                              capture_output=True, text=True, check=True)
         peaks.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    from pairfree.devices import cpu_features, native_bf16
+
     result = {"device": dev, "dim": d, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "cpu": cpu_features(), "native_bf16": native_bf16(dev),
               "gemm_gflops": {k: round(v, 1) for k, v in gemm.items()}, "sweep": rows,
               "peak_working_mib_by_queries": {str(r["n"]): round(r["extra_mib"], 1) for r in peaks}}
     print("\n| dtype | kernel | ratio to GEMM (min - max over shapes) | cos to fp32 (min) |\n| --- | --- | ---: | ---: |")

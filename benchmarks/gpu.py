@@ -9,7 +9,8 @@ Ex-MCR heads at batch 4096,
 and a tiny CLIP checkpoint written locally. Each part reports a ratio to the GEMM rate measured in the
 same run, or an accuracy against fp32, never a bare time alone. `--device cpu --memory 50000
 --queries 2048` runs the same code on a CPU (a dry run; `--quick --memory 20000 --queries 256
---train-steps 1` in ~1 min, which tests/test_gpu_script.py runs).
+--train-steps 1 --train-batch 1024`, which tests/test_gpu_script.py runs: ~1 min with bf16 in hardware, ~2
+where it is in software).
 """
 
 from __future__ import annotations
@@ -141,25 +142,25 @@ def aggregation(dev, n: int, m: int, rates: dict[str, float]) -> dict:
     return res
 
 
-def training(dev, steps: int, rates: dict[str, float]) -> dict:
+def training(dev, steps: int, rates: dict[str, float], batch: int = 4096) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from pairfree import train
     from pairfree.extend import ROLES, DecoupledProjector, ExMCRConfig, make_step
 
     out = {}
-    data = {r: torch.nn.functional.normalize(torch.randn(4096 * (steps + 1), 512), dim=-1) for r in ROLES}
+    data = {r: torch.nn.functional.normalize(torch.randn(batch * (steps + 1), 512), dim=-1) for r in ROLES}
     for precision in ("fp32", "fp16", "bf16"):
         if precision == "fp16" and dev.type != "cuda":
             continue
-        cfg = ExMCRConfig(precision=precision, epochs=1, device=str(dev))
+        cfg = ExMCRConfig(precision=precision, epochs=1, device=str(dev), batch_size=batch)
         torch.manual_seed(0)  # one initial head for every precision: their first losses are comparable
         head = DecoupledProjector(512, 512).to(dev)
         step = make_step(head, cfg)
-        batch = {r: data[r][:4096].to(dev) for r in ROLES}
+        first = {r: data[r][:batch].to(dev) for r in ROLES}
         with FlopCounterMode(display=False) as fc:
             with train.autocast_context(precision, dev):
-                loss, _ = step(batch, torch.Generator().manual_seed(0))
+                loss, _ = step(first, torch.Generator().manual_seed(0))
             loss.backward()
         flops = fc.get_total_flops()
         sync(dev)
@@ -170,7 +171,8 @@ def training(dev, steps: int, rates: dict[str, float]) -> dict:
         rate = rates["float32" if precision == "fp32" else "float16" if precision == "fp16" else "bfloat16"]
         out[precision] = {"s_per_step": round(s, 4), "gflops": round(flops / s / 1e9, 1),
                           "ratio_to_gemm": round(flops / s / 1e9 / rate, 3),
-                          "epoch_s_5.41M": round(s * math.ceil(5_410_000 / 4096), 1), "first_loss": float(loss)}
+                          "epoch_s_5.41M": round(s * math.ceil(5_410_000 / batch), 1), "first_loss": float(loss),
+                          "batch": batch}
         print(f"train {precision}: {s:.3f} s/step, {flops / s / 1e9:.1f} GFLOP/s ({flops / s / 1e9 / rate:.2f} of GEMM), "
               f"a 5.41M-tuple epoch {out[precision]['epoch_s_5.41M']} s, first loss {float(loss):.5f}", flush=True)
     return out
@@ -209,13 +211,17 @@ def main() -> None:
     p.add_argument("--memory", type=int, default=1_300_000)
     p.add_argument("--queries", type=int, default=65536)
     p.add_argument("--train-steps", type=int, default=50)
+    p.add_argument("--train-batch", type=int, default=4096,
+                   help="Ex-MCR batch (the papers': 4096; a CPU dry run takes less: bf16 may be in software there)")
     p.add_argument("--out", default="runs/bench/gpu")
     p.add_argument("--quick", action="store_true",
                    help="small GEMM shapes for the rate (a dry run on a CPU; the tests run one)")
     args = p.parse_args()
     dev = torch.device(args.device)
-    info = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d")}
+    from pairfree.devices import cpu_features, native_bf16
+
+    info = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_features(),
+            "native_bf16": native_bf16(dev), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     print(info, flush=True)
     rates = gemm_rates(dev, QUICK_GEMM_SHAPES if args.quick else GEMM_SHAPES)
     print(f"GEMM GFLOP/s: {rates}", flush=True)
@@ -224,7 +230,8 @@ def main() -> None:
     result = {**info, "gemm_gflops": rates}
     # One failing part must not cost the others: a lent GPU is minutes, not hours.
     parts = {"aggregation": lambda: aggregation(dev, args.queries, args.memory, rates),
-             "training": lambda: training(dev, args.train_steps, rates), "encoder": lambda: encoder(dev, out)}
+             "training": lambda: training(dev, args.train_steps, rates, args.train_batch),
+             "encoder": lambda: encoder(dev, out)}
     for name, part in parts.items():
         t0 = time.perf_counter()
         try:

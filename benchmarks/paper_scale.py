@@ -57,6 +57,8 @@ import threading
 import time
 from pathlib import Path
 
+from pairfree.devices import cpu_features, native_bf16
+
 STAGES = ("world", "exact", "aggregation", "bound", "groups", "second", "ray", "train")
 
 
@@ -581,7 +583,8 @@ def run_stage(name: str, args) -> dict:
         wall = time.perf_counter() - t0
     rates.append(round(gemm_rate(torch.bfloat16)))
     result.update({"stage": name, "wall_s": round(wall, 1), **mem.summary(), "gemm_bf16_gflops_start_end": rates,
-                   "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")})
+                   "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "cpu": cpu_features(),
+                   "native_bf16": native_bf16()})
     return result
 
 
@@ -735,6 +738,9 @@ def main() -> None:
         result = run_stage(args.stage, args)
         (out / f"{args.stage}.json").write_text(json.dumps(result, indent=1) + "\n")
         return
+    if not native_bf16():  # the groups, second, ray and exact-bf16 figures are bf16 GEMMs
+        print(f"note: this CPU computes bfloat16 in software ({cpu_features()}): the bf16 figures here run several "
+              "times slower than float32's, and a run with dtype 'auto' would use float32", flush=True)
     summary = {}
     for name in args.stages.split(","):
         cmd = [sys.executable, __file__, "--stage", name] + [a for a in sys.argv[1:]]
