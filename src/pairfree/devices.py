@@ -36,7 +36,7 @@ def _cpu_bf16() -> tuple[bool, str]:
     """(bf16 GEMMs in hardware, a description of the CPU's relevant features) for this process's CPU."""
     try:
         caps = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):  # older torch: ask oneDNN, which sees the same flags
+    except (AttributeError, RuntimeError):  # older torch: oneDNN's check below
         caps = {}
     name = str(caps.get("cpu_name") or platform.processor() or platform.machine())
     if "avx512_bf16" in caps:  # x86
@@ -54,9 +54,9 @@ def _cpu_bf16() -> tuple[bool, str]:
 def native_bf16(device: "torch.device | str" = "cpu") -> bool:
     """Whether bfloat16 GEMMs run in hardware on `device`, which is when they beat float32.
 
-    Where they do not, torch computes them in software: on 2 cores of an AVX2-only AMD EPYC a
-    4096 x 32768 x 512 bf16 GEMM ran at 15 GFLOP/s against float32's 92, where one with AVX512-BF16 ran
-    bf16 at ~400 against ~150. CUDA: Ampere or newer; other devices: no."""
+    Where they do not, torch computes them in software: on 2 cores of an AVX2-only AMD EPYC bf16 GEMMs
+    ran at 14-15 GFLOP/s against float32's 100-119 (benchmarks/paper_scale.py's sweep of shapes), where
+    an EPYC with AVX512-BF16 ran bf16 at ~400 against ~150. CUDA: Ampere or newer; other devices: no."""
     dev = torch.device(device)
     if dev.type == "cuda":
         try:

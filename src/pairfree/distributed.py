@@ -12,8 +12,8 @@ references as query shards, and the run as tasks of whole batches of groups agai
 its GEMM dtype, and calibration's kept selections as tasks of whole batches of its sample's groups;
 the driver keeps what needs every query (the cells' and groups' sums, the order of the groups, the
 trials' reading of the kept selections). Each block, cell and group is computed as one machine
-computes it, so the result is the local one. The callers (C-MCR pseudo pairs, the Ex-MCR passes) write the result to the same cache entries as the
-local path (`aggregation_backend: ray`).
+computes it, so the result is the local one. The callers (C-MCR pseudo pairs, the Ex-MCR passes)
+write the result to the same cache entries as the local path (`aggregation_backend: ray`).
 
 Ray starts a local instance when none is running (`RAY_ADDRESS` connects to a cluster).
 """
