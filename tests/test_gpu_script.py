@@ -27,8 +27,11 @@ def test_gpu_script_runs_every_part_on_a_cpu(tmp_path):
         for dt, tol in (("float32", 1e-5), ("float16", 1e-4), ("bfloat16", 1e-4)):
             r = agg[f"{kernel}/{dt}"]
             assert r["cos_min"] >= 1 - tol, (kernel, dt, r)
-            assert r["ratio_to_gemm"] > 0 and math.isclose(r["gflops"] / res["gemm_gflops"][dt], r["ratio_to_gemm"],
-                                                             rel_tol=0.02, abs_tol=2e-3)
+            # each figure is rounded (GFLOP/s to 0.1, the ratio to 0.001): a kernel in software runs at ~2 GFLOP/s,
+            # where rounding alone moves their quotient by 3 %
+            rate = res["gemm_gflops"][dt]
+            assert r["ratio_to_gemm"] > 0 and math.isclose(r["gflops"], r["ratio_to_gemm"] * rate, rel_tol=0.01,
+                                                             abs_tol=0.05 + 0.0005 * rate + 0.05 * r["ratio_to_gemm"] + 1e-9)
     # the approximate path runs for real at 0.99 (a share of the memory), exact beyond exact_above
     lists = agg["ivf float32 cos>=0.99"]
     assert lists.get("ran") != "exact" and 0 < lists["work_fraction"] < 0.5, lists
