@@ -137,6 +137,9 @@ def _make_index(kind: str, d: int, n: int, params: dict[str, Any]):
         m -= 1
     params["pq_m"] = m
     base = faiss.index_factory(d, f"IVF{nlist},PQ{m}", ip)
+    # index_factory turns on polysemous training (codes ordered for Hamming filtering), which we never
+    # search with; it took 2-4 s per sub-quantizer (262 s for PQ128 on 1,600 rows, 0.4 s without)
+    base.do_polysemous_training = False
     refine = int(params.setdefault("refine", 4))
     if refine <= 0:
         return base
