@@ -8,9 +8,8 @@ world's clip text -> clip image hop (`pairfree.toy.scale`, its first rows, regen
 Ex-MCR heads at batch 4096,
 and a tiny CLIP checkpoint written locally. Each part reports a ratio to the GEMM rate measured in the
 same run, or an accuracy against fp32, never a bare time alone. `--device cpu --memory 50000
---queries 2048` runs the same code on a CPU (a dry run; `--quick --memory 20000 --queries 256
---train-steps 1 --train-batch 1024`, which tests/test_gpu_script.py runs: ~1 min with bf16 in hardware, ~2
-where it is in software).
+--queries 2048` runs the same code on a CPU (a dry run; `--quick --memory 8000 --queries 256
+--train-steps 1 --train-batch 512`, which tests/test_gpu_script.py runs: ~1 min, where bf16 is in software too).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_script_runs_every_part_on_a_cpu(tmp_path):
     out = tmp_path / "gpu"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--quick",
-                          "--memory", "20000", "--queries", "256", "--train-steps", "1", "--train-batch", "1024",
+                          "--memory", "8000", "--queries", "256", "--train-steps", "1", "--train-batch", "512",
                           "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
