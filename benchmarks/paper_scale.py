@@ -22,17 +22,17 @@ Stages, each in its own subprocess (so each peak memory is its own):
   run (selection not counted): how far IVF is from the rows that matter, and a floor for any method
   that scores a subset of the rows chosen by weight;
 - groups: per hop, one row selection per group of nearby queries (`IVFSettings(select="groups")`) in
-  bf16 at mean cosine 0.999: rows calibrated on 1000 queries (stratified by their cosine to their group's
-  mean) against bf16 exact and measured on the other --sample - 1000 (uniform) against fp32 exact, throughput timed on whole groups holding --groups-share of
+  --gemm-dtype (auto: bf16 where the CPU has it in hardware, else fp32) at mean cosine 0.999: rows
+  calibrated on 1000 queries (stratified by their cosine to their group's mean) against exact in that dtype and measured on the other --sample - 1000 (uniform) against fp32 exact, throughput timed on whole groups holding --groups-share of
   the queries, projected with the grouping and calibration time added (--hops and --group-size run a
   subset or another group size). The check is a measurement: its fp32 reference, and its pass (a run
   reads it from its own), are timed apart; the totals are given without and with its reference;
 - second: the leaf and base passes' second hops measured where the groups stage projects them: their
-  first hop run in full (`aggregate(..., method="ivf")`, groups, bf16, cos 0.999), its aggregated second
+  first hop run in full (`aggregate(..., method="ivf")`, groups, --gemm-dtype, cos 0.999), its aggregated second
   value (clip text from clap audio, clap text from clip image) then the queries of the second hop,
   measured as in the groups stage (--hops 2 and/or 3 pick the passes);
 - ray: one hop (--hops, default 0) run in full locally and then as Ray tasks on a local instance with
-  as many CPUs (`backend="ray"`, groups, bf16, cos 0.999): wall times, their ratio, the largest
+  as many CPUs (`backend="ray"`, groups, --gemm-dtype, cos 0.999): wall times, their ratio, the largest
   difference between the two results, and the seconds only the driver spends (grouping, calibration's
   trials: the bound on a cluster's speed-up);
 - train: Ex-MCR training on a 5.41M-tuple pool (memory-mapped float16, gathered per batch; memory
@@ -348,6 +348,10 @@ def stage_bound(args) -> dict:
     return {"hops": out, "gemm_gflops": {p: round(r, 1) for p, r in rates.items()}, "projected": projected}
 
 
+def _short(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+
+
 def _groups_settings(args):
     from pairfree.ivf import IVFSettings
 
@@ -363,7 +367,7 @@ def _groups_hop(name: str, queries, keys, values: list, args) -> dict:
     from pairfree.grouped import GroupedMemory, calibrate, query_groups
     from pairfree.ivf import cached_partition
 
-    dev, tau, dt = torch.device("cpu"), 0.01, torch.bfloat16
+    dev, tau, dt = torch.device("cpu"), 0.01, getattr(torch, args.gemm_dtype)
     n, m = queries.shape[0], keys.shape[0]
     settings = _groups_settings(args)
     part = cached_partition(keys, settings.n_lists(m), settings, dev)
@@ -388,15 +392,15 @@ def _groups_hop(name: str, queries, keys, values: list, args) -> dict:
         held += len(groups[i])
     t = _timed(lambda: gm.aggregate(queries, timed, rep["rows"], tau, settings.tail))
     check_ref = rep["seconds"]["check_reference"]
-    hop = {"queries": n, "memory": m, "values": len(values), **rep,
+    hop = {"queries": n, "memory": m, "values": len(values), "gemm_dtype": args.gemm_dtype, **rep,
            "grouping_s": round(t1 - t0, 1), "memory_to_gemm_dtype_s": round(t_memory, 1),
            "calibration_s": round(t2 - t1 - check_ref, 1),
            "check_reference_s": round(check_ref, 1), "check_s": round(check_s, 1),
            "timed_queries": held, "q_per_s": round(held / t, 1),
            "projected_s": round(n * t / held + (t2 - t0) - check_ref)}
-    print(f"{name} | groups bf16 cos>=0.999: rows {rep['rows']}, {rep['groups']} groups, cos "
+    print(f"{name} | groups {_short(args.gemm_dtype)} cos>=0.999: rows {rep['rows']}, {rep['groups']} groups, cos "
           f"{rep['cosine_to_exact']['mean']:.5f} / p1 {rep['cosine_to_exact']['p1']:.4f}, "
-          f"{hop['q_per_s']} q/s, grouping {hop['grouping_s']} s (memory to bf16 {hop['memory_to_gemm_dtype_s']} s), "
+          f"{hop['q_per_s']} q/s, grouping {hop['grouping_s']} s (memory to {_short(args.gemm_dtype)} {hop['memory_to_gemm_dtype_s']} s), "
           f"calibration {hop['calibration_s']} s "
           f"(check: fp32 reference {hop['check_reference_s']} s, pass {hop['check_s']} s, not projected), "
           f"projected {hop['projected_s']} s", flush=True)
@@ -408,7 +412,7 @@ def _chosen(args, i: int) -> bool:
 
 
 def stage_groups(args) -> dict:
-    """Per hop, `IVFSettings(select="groups")` in bf16 at mean cosine >= 0.999 (`pairfree.grouped`): all
+    """Per hop, `IVFSettings(select="groups")` in --gemm-dtype at mean cosine >= 0.999 (`pairfree.grouped`): all
     queries grouped (timed), `rows` calibrated on 1000 sample queries against exact and measured on the
     rest (their fp32 reference and a pass of their own timed apart: a run reads them from its own pass),
     throughput timed on whole groups (the means' pass included) holding `--groups-share` of the queries,
@@ -422,7 +426,7 @@ def stage_groups(args) -> dict:
     if len(out) < len(HOPS):
         return {"hops": out}
     return {"hops": out, "projected": {
-        "groups bf16 cos>=0.999": _leaf_total({h: out[h]["projected_s"] for h in out}, queries),
+        f"groups {_short(args.gemm_dtype)} cos>=0.999": _leaf_total({h: out[h]["projected_s"] for h in out}, queries),
         f"the same with its {args.sample - 1000}-query check": _leaf_total(
             {h: out[h]["projected_s"] + out[h]["check_reference_s"] for h in out}, queries)}}
 
@@ -434,7 +438,7 @@ SECOND_HOPS = ((2, 1, ("clip", "image"), 0), (3, 1, ("clap", "audio"), 1))
 
 def stage_second(args) -> dict:
     """The leaf and base passes' second hops measured, where the groups stage projects them: the first hop
-    run in full as a run would (`pf.aggregate(..., method="ivf")` with `select="groups"`, bf16, cos 0.999;
+    run in full as a run would (`pf.aggregate(..., method="ivf")` with `select="groups"`, --gemm-dtype, cos 0.999;
     its outputs float16 in RAM), then its aggregated second value (clip text from clap audio, clap text
     from clip image) as the queries of the second hop, measured as in stage `groups`."""
     import numpy as np
@@ -452,7 +456,7 @@ def stage_second(args) -> dict:
         outs = [np.empty((queries.shape[0], v.shape[1]), np.float16) for v in values]
         rep: dict = {}
         t0 = time.perf_counter()
-        aggregate(queries, keys, values, tau=0.01, method="ivf", dtype="bfloat16", ivf=_groups_settings(args),
+        aggregate(queries, keys, values, tau=0.01, method="ivf", dtype=args.gemm_dtype, ivf=_groups_settings(args),
                   out=outs, report=rep, progress=name)
         first_s = time.perf_counter() - t0
         print(f"{name}, run in full: {first_s:.0f} s, rows {rep['rows']}, cos {rep['cosine_to_exact']}", flush=True)
@@ -495,7 +499,7 @@ def stage_ray(args) -> dict:
             outs = [np.empty((queries.shape[0], v.shape[1]), np.float16) for v in values]
             rep: dict = {}
             t0 = time.perf_counter()
-            aggregate(queries, keys, values, tau=0.01, method="ivf", dtype="bfloat16", ivf=_groups_settings(args),
+            aggregate(queries, keys, values, tau=0.01, method="ivf", dtype=args.gemm_dtype, ivf=_groups_settings(args),
                       out=outs, report=rep, progress=f"{name} ({backend})", backend=backend)
             runs[backend] = (time.perf_counter() - t0, outs, rep)
             print(f"{name}, {backend}: {runs[backend][0]:.0f} s, rows {rep['rows']}, shards {rep.get('shards')}, "
@@ -503,7 +507,7 @@ def stage_ray(args) -> dict:
         (t_local, a, rep_local), (t_ray, b, rep_ray) = runs["local"], runs["ray"]
         diff = max(float(np.abs(x.astype(np.float32) - y.astype(np.float32)).max()) for x, y in zip(a, b))
         serial = t_ray - rep_ray["seconds_in_ray_tasks"]  # what runs in tasks spreads over a cluster; the rest does not
-        out[name] = {"queries": queries.shape[0], "memory": keys.shape[0], "values": len(values),
+        out[name] = {"queries": queries.shape[0], "memory": keys.shape[0], "values": len(values), "gemm_dtype": args.gemm_dtype,
                      "local_s": round(t_local, 1), "ray_s": round(t_ray, 1), "ray_over_local": round(t_ray / t_local, 3),
                      "shards": rep_ray["shards"], "cpus": cpus, "same_rows": rep_ray["rows"] == rep_local["rows"],
                      "driver_serial_s": round(serial, 1), "speedup_bound": round(t_ray / serial, 2),
@@ -573,16 +577,17 @@ def run_stage(name: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    # this machine's speed moves by 10-15 % from run to run: the bf16 GEMM rate at both ends of a stage
-    # says how fast it ran, so stages run apart can be compared
-    rates = [round(gemm_rate(torch.bfloat16))]
+    # this machine's speed moves by 10-15 % from run to run: the GEMM rate (of the groups' dtype) at both
+    # ends of a stage says how fast it ran, so stages run apart can be compared
+    dtype = getattr(torch, args.gemm_dtype)
+    rates = [round(gemm_rate(dtype))]
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         result = {"world": stage_world, "exact": stage_exact, "aggregation": stage_aggregation, "bound": stage_bound, "groups": stage_groups,
                   "second": stage_second, "ray": stage_ray, "train": stage_train}[name](args)
         wall = time.perf_counter() - t0
-    rates.append(round(gemm_rate(torch.bfloat16)))
-    result.update({"stage": name, "wall_s": round(wall, 1), **mem.summary(), "gemm_bf16_gflops_start_end": rates,
+    rates.append(round(gemm_rate(dtype)))
+    result.update({"stage": name, "wall_s": round(wall, 1), **mem.summary(), f"gemm_{_short(args.gemm_dtype)}_gflops_start_end": rates,
                    "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "cpu": cpu_features(),
                    "native_bf16": native_bf16()})
     return result
@@ -676,7 +681,8 @@ def tables(summary: dict) -> str:
         lines.append("")
     ray = summary.get("ray")
     if ray and ray.get("hops"):
-        lines += ["| hop in full (queries x memory), groups bf16 cos>=0.999 | local (its groups' pass) | Ray (shards, "
+        lines += [f"| hop in full (queries x memory), groups {_short(next(iter(ray['hops'].values())).get('gemm_dtype', 'bfloat16'))} "
+                  "cos>=0.999 | local (its groups' pass) | Ray (shards, "
                   "CPUs) | Ray / local | same rows | rows differing | largest difference (float16 outputs) | on the driver alone "
                   "(bound on a cluster's speed-up) |",
                   "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
@@ -691,10 +697,11 @@ def tables(summary: dict) -> str:
     for stage in STAGES:
         r = summary.get(stage)
         if r:
-            rates = " / ".join(map(str, r.get("gemm_bf16_gflops_start_end", ["-"])))
-            stage_rows.append(f"| {stage} | {r['wall_s']} | {r['peak_anon_rss_gib']} | {r['vm_hwm_gib']} | {rates} |")
+            short = next((k for k in ("bf16", "fp32") if f"gemm_{k}_gflops_start_end" in r), "bf16")
+            rates = " / ".join(map(str, r.get(f"gemm_{short}_gflops_start_end", ["-"])))
+            stage_rows.append(f"| {stage} | {r['wall_s']} | {r['peak_anon_rss_gib']} | {r['vm_hwm_gib']} | {short}: {rates} |")
     if stage_rows:
-        lines += ["| stage | wall s | peak anon RSS GiB | VmHWM GiB | bf16 GEMM GFLOP/s, start / end |",
+        lines += ["| stage | wall s | peak anon RSS GiB | VmHWM GiB | GEMM GFLOP/s, start / end |",
                   "| --- | ---: | ---: | ---: | ---: |", *stage_rows, ""]
     tr = summary.get("train")
     if tr:
@@ -722,11 +729,17 @@ def main() -> None:
                    help="share of a hop's queries (whole groups) timed by the groups stage")
     p.add_argument("--hops", default=None, help="groups and second stages: only these hops (indices into HOPS, e.g. 0,3; second: 2 and/or 3)")
     p.add_argument("--group-size", type=int, default=None, help="groups stage: IVFSettings.group_size (default its own)")
+    p.add_argument("--gemm-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="groups, second and ray stages: the GEMMs' dtype (auto: bf16 where the CPU has it in hardware, "
+                        "else fp32; the README's figures are bf16)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default=None, help="pseudo-data cache (default: next to the world)")
     p.add_argument("--out", default="runs/bench/paper_scale")
     p.add_argument("--stage", help=argparse.SUPPRESS)
     args = p.parse_args()
+    from pairfree.memory import compute_dtype
+
+    args.gemm_dtype = str(compute_dtype(args.gemm_dtype)).removeprefix("torch.")
     if args.world is None:
         from pairfree.fileio import user_cache_dir
 
@@ -738,9 +751,9 @@ def main() -> None:
         result = run_stage(args.stage, args)
         (out / f"{args.stage}.json").write_text(json.dumps(result, indent=1) + "\n")
         return
-    if not native_bf16():  # the groups, second, ray and exact-bf16 figures are bf16 GEMMs
+    if not native_bf16():  # the exact stage's bf16 figures are bf16 GEMMs, and the others' where asked
         print(f"note: this CPU computes bfloat16 in software ({cpu_features()}): the bf16 figures here run several "
-              "times slower than float32's, and a run with dtype 'auto' would use float32", flush=True)
+              f"times slower than float32's; the groups, second and ray stages run in {args.gemm_dtype}", flush=True)
     summary = {}
     for name in args.stages.split(","):
         cmd = [sys.executable, __file__, "--stage", name] + [a for a in sys.argv[1:]]
