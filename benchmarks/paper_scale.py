@@ -23,9 +23,10 @@ Stages, each in its own subprocess (so each peak memory is its own):
   that scores a subset of the rows chosen by weight;
 - groups: per hop, one row selection per group of nearby queries (`IVFSettings(select="groups")`) in
   --gemm-dtype (auto: bf16 where the CPU has it in hardware, else fp32) at mean cosine 0.999: rows
-  calibrated on 1000 queries (stratified by their cosine to their group's mean) against exact in that dtype and measured on the other --sample - 1000 (uniform) against fp32 exact, throughput timed on whole groups holding --groups-share of
-  the queries, projected with the grouping and calibration time added (--hops and --group-size run a
-  subset or another group size). The check is a measurement: its fp32 reference, and its pass (a run
+  calibrated on 1000 queries (stratified by their cosine to their group's mean) against exact in that
+  dtype and measured on the other --sample - 1000 (uniform) against fp32 exact, throughput timed on
+  whole groups holding --groups-share of the queries, projected with the grouping and calibration
+  time added (--hops and --group-size run a subset or another group size). The check is a measurement: its fp32 reference, and its pass (a run
   reads it from its own), are timed apart; the totals are given without and with its reference;
 - second: the leaf and base passes' second hops measured where the groups stage projects them: their
   first hop run in full (`aggregate(..., method="ivf")`, groups, --gemm-dtype, cos 0.999), its aggregated second
