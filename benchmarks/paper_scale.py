@@ -37,7 +37,7 @@ Stages, each in its own subprocess (so each peak memory is its own):
   difference between the two results, and the seconds only the driver spends (grouping, calibration's
   trials: the bound on a cluster's speed-up);
 - train: Ex-MCR training on a 5.41M-tuple pool (memory-mapped float16, gathered per batch; memory
-  rows stand in for the aggregated roles) at batch 4096, fp32 and bf16 autocast, for --train-steps
+  rows stand in for the aggregated roles) at batch 4096, fp32 and bf16 autocast (--train-precisions), for --train-steps
   steps; FLOPs per step counted by torch's FlopCounterMode, as a ratio to the best GEMM rate of the
   same dtype measured in the same run.
 
@@ -526,6 +526,15 @@ def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
+def _train_precisions(spec: str) -> list[str]:
+    if spec == "auto":
+        return ["fp32", "bf16"] if native_bf16() else ["fp32"]
+    precisions = spec.split(",")
+    if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
+        raise SystemExit(f"--train-precisions: expected auto or a comma-separated list of fp32, bf16; got {spec!r}")
+    return precisions
+
+
 def stage_train(args) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -546,7 +555,8 @@ def stage_train(args) -> dict:
     data = {r: train.ConcatRows([p[r] for p in stand_in.values()]) for r in ROLES}
     rows = len(data["c"])
     result = {"pool_rows": rows, "batch": 4096, "steps_per_epoch": -(-rows // 4096), "precisions": {}}
-    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for precision in _train_precisions(args.train_precisions):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         cfg = ExMCRConfig(precision=precision, epochs=1)
         head = DecoupledProjector(512, 512)
         step = make_step(head, cfg)
@@ -722,6 +732,9 @@ def main() -> None:
     p.add_argument("--sample", type=int, default=3000,
                    help="queries with an exact reference per hop (1000 calibrate the probes, the rest check)")
     p.add_argument("--train-steps", type=int, default=150)
+    p.add_argument("--train-precisions", default="auto",
+                   help="train stage: fp32, bf16 or fp32,bf16 (auto: fp32, and bf16 where the CPU has it in hardware: "
+                        "bf16 in software runs ~7x slower than fp32 and measures the emulation, not the training)")
     p.add_argument("--block", type=int, default=65536, help="queries timed per hop and IVF setting")
     p.add_argument("--exact-block", type=int, default=2048, help="queries timed per hop with the exact kernel")
     p.add_argument("--bound-queries", type=int, default=256, help="queries per hop for the perfect-selector bound")
@@ -741,6 +754,7 @@ def main() -> None:
     from pairfree.memory import compute_dtype
 
     args.gemm_dtype = str(compute_dtype(args.gemm_dtype)).removeprefix("torch.")
+    _train_precisions(args.train_precisions)  # a bad list fails here, not after the stages before train
     if args.world is None:
         from pairfree.fileio import user_cache_dir
 

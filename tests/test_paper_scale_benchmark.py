@@ -53,3 +53,14 @@ def test_groups_and_second_stages_on_the_mini_world(tmp_path):
     assert total["with_checks_min"] == pytest.approx((direct + checks) / 60, abs=0.051)
     assert f"passes run in full: {total['exmcr_leaf_min']} min" in run.stdout
     assert summary["world"]["stage"] == "world" and summary["second"]["peak_anon_rss_gib"] > 0
+
+
+def test_train_precisions_skip_bf16_without_hardware(monkeypatch):
+    ps = _module()
+    monkeypatch.setattr(ps, "native_bf16", lambda: False)
+    assert ps._train_precisions("auto") == ["fp32"]  # bf16 in software would time the emulation
+    monkeypatch.setattr(ps, "native_bf16", lambda: True)
+    assert ps._train_precisions("auto") == ["fp32", "bf16"]
+    assert ps._train_precisions("bf16") == ["bf16"]
+    with pytest.raises(SystemExit, match="--train-precisions.*'fp32,fp16'"):
+        ps._train_precisions("fp32,fp16")
