@@ -530,7 +530,7 @@ def _train_precisions(spec: str) -> list[str]:
     if spec == "auto":
         return ["fp32", "bf16"] if native_bf16() else ["fp32"]
     precisions = spec.split(",")
-    if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
+    if any(p not in ("fp32", "bf16") for p in precisions):
         raise SystemExit(f"--train-precisions: expected auto or a comma-separated list of fp32, bf16; got {spec!r}")
     return precisions
 
