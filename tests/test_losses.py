@@ -40,15 +40,20 @@ def test_info_nce_rejects_mismatched_shapes():
 @pytest.mark.parametrize("keep", [True, False])
 def test_info_nce_shifted_paths_match_reference(monkeypatch, keep):
     """At τ = 0.05 one exp per logit serves both softmaxes; with the exp-logits kept for the backward
-    pass or (large batches) recomputed, value and gradients equal the textbook form."""
+    pass or (large batches) recomputed, value and gradients equal the textbook form; a second
+    backward through the same graph (retain_graph) gets the same gradients, so the kept chunks are
+    not written over."""
     monkeypatch.setattr(losses, "_KEEP_ELEMENTS", 1 << 26 if keep else 0)
     g = torch.Generator().manual_seed(1)
     a = F.normalize(torch.randn(300, 16, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
     b = F.normalize(torch.randn(300, 16, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
     fast, ref = losses.info_nce(a, b, 0.05, 64), losses.info_nce_reference(a, b, 0.05)
     assert abs(fast.item() - ref.item()) < 1e-10
-    for x, y in zip(torch.autograd.grad(fast, (a, b)), torch.autograd.grad(ref, (a, b))):
+    first = torch.autograd.grad(fast, (a, b), retain_graph=True)
+    for x, y in zip(first, torch.autograd.grad(ref, (a, b))):
         torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-8)
+    for x, y in zip(first, torch.autograd.grad(fast, (a, b))):
+        assert torch.equal(x, y)
 
 
 def test_info_nce_under_bf16_autocast_is_close_to_fp32():

@@ -65,7 +65,7 @@ class _SymmetricInfoNCE(torch.autograd.Function):
         bound = inv_t * float(a.norm(dim=1).max()) * float(b.norm(dim=1).max())
         shifted = 2 * bound <= _SAFE_RANGE.get(a.dtype, 80.0)
         keep = shifted and n * n <= _KEEP_ELEMENTS
-        exps = a.new_empty((n, n)) if keep else None
+        exps: list[torch.Tensor] = []  # the chunks as computed: no copy, and no (n, n) block mmap'd per step
         row_lse = a.new_empty(n)
         col = a.new_zeros(n) if shifted else a.new_full((n,), float("-inf"))
         for s in range(0, n, chunk):
@@ -75,13 +75,13 @@ class _SymmetricInfoNCE(torch.autograd.Function):
                 row_lse[s : s + chunk] = e.sum(1).log_().add_(bound)
                 col += e.sum(0)
                 if keep:
-                    exps[s : s + chunk] = e
+                    exps.append(e)
             else:
                 row_lse[s : s + chunk] = torch.logsumexp(logits, 1)
                 col = torch.logaddexp(col, torch.logsumexp(logits, 0))
         col_lse = col.log().add_(bound) if shifted else col
         diag = (a * b).sum(1).mul_(inv_t)
-        ctx.save_for_backward(a, b, row_lse, col_lse, *([exps] if keep else []))
+        ctx.save_for_backward(a, b, row_lse, col_lse, *exps)
         ctx.inv_t, ctx.chunk, ctx.compute, ctx.bound, ctx.mode = inv_t, chunk, compute, bound, (
             "kept" if keep else "shifted" if shifted else "max")
         return 0.5 * (row_lse.mean() + col_lse.mean()) - diag.mean()
@@ -95,16 +95,16 @@ class _SymmetricInfoNCE(torch.autograd.Function):
         scale = grad * inv_t / n
         grad_a, grad_b = torch.empty_like(a), torch.zeros_like(b)
         if mode != "max":
-            r, c = torch.exp(bound - row_lse), torch.exp(bound - col_lse)
-        for s in range(0, n, chunk):
+            r, c = torch.exp(bound - row_lse).mul_(0.5), torch.exp(bound - col_lse).mul_(0.5)
+        for k, s in enumerate(range(0, n, chunk)):
             if mode == "max":
                 logits = (ac[s : s + chunk] @ bc.T).to(a.dtype).mul_(inv_t)
                 p = torch.exp(logits - col_lse)
                 p.add_(logits.sub_(row_lse[s : s + chunk, None]).exp_()).mul_(0.5)
             else:
-                e = kept[0][s : s + chunk] if mode == "kept" else \
+                e = kept[k] if mode == "kept" else \
                     (ac[s : s + chunk] @ bc.T).to(a.dtype).mul_(inv_t).sub_(bound).exp_()
-                p = e * (r[s : s + chunk, None] + c[None, :]).mul_(0.5)
+                p = (r[s : s + chunk, None] + c[None, :]).mul_(e)
             if compute is None:
                 grad_a[s : s + chunk] = p @ b
                 grad_b.addmm_(p.T, a[s : s + chunk])
