@@ -35,6 +35,8 @@ def test_info_nce_float32_large_logits_and_upstream_gradient():
 def test_info_nce_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
         losses.info_nce(torch.zeros(4, 3), torch.zeros(5, 3), 0.05)
+    with pytest.raises(ValueError, match="n >= 1"):
+        losses.info_nce(torch.zeros(0, 3), torch.zeros(0, 3), 0.05)
 
 
 @pytest.mark.parametrize("keep", [True, False])

@@ -15,8 +15,9 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, chunk: int | 
     autograd version at the paper's batch of 4096 (fewer passes over n² floats, no 64 MB
     allocations per op), and on GPU it caps memory at large batches.
     """
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"info_nce needs two (n, d) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape != b.shape or a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(f"info_nce needs two (n, d) tensors of the same shape with n >= 1, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
     if chunk is None:
         chunk = max(1, CPU_CHUNK_ELEMENTS // a.shape[0]) if a.device.type == "cpu" else 8192
     dev = a.device.type
