@@ -54,9 +54,10 @@ class _SymmetricInfoNCE(torch.autograd.Function):
     the running-max form is used. At the paper's τ = 0.05 this is half the exp() work of two separate
     log-sum-exps, and the backward's GEMM for the logits is saved too.
 
-    Under autocast (`compute` = bf16 / fp16) the GEMMs run in that dtype and everything else (logits,
-    log-sum-exps, softmax, accumulation) in fp32: the logits reach 1/τ = 20, where bf16 would round
-    to ±0.06.
+    Under autocast (`compute` = bf16 / fp16) the GEMMs run in that dtype and everything after them
+    (scaling by 1/τ, log-sum-exps, softmax, accumulation) in fp32: a dot product leaves the GEMM
+    rounded to bf16 (±0.002 near 1, ±0.04 as a logit at τ = 0.05; torch has no fp32-output bf16 GEMM
+    on CPU), where logits rounded to bf16 would be off by up to ±0.06 each and so would every sum.
     """
 
     @staticmethod
