@@ -148,7 +148,8 @@ def training(dev, steps: int, rates: dict[str, float], batch: int = 4096) -> dic
     from pairfree.extend import ROLES, DecoupledProjector, ExMCRConfig, make_step
 
     out = {}
-    data = {r: torch.nn.functional.normalize(torch.randn(batch * (steps + 1), 512), dim=-1) for r in ROLES}
+    g = torch.Generator().manual_seed(0)  # the same data in every run (the timing loops before draw a varying amount)
+    data = {r: torch.nn.functional.normalize(torch.randn(batch * (steps + 1), 512, generator=g), dim=-1) for r in ROLES}
     for precision in ("fp32", "fp16", "bf16"):
         if precision == "fp16" and dev.type != "cuda":
             continue

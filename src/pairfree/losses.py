@@ -55,9 +55,14 @@ class _SymmetricInfoNCE(torch.autograd.Function):
     log-sum-exps, and the backward's GEMM for the logits is saved too.
 
     Under autocast (`compute` = bf16 / fp16) the GEMMs run in that dtype and everything after them
-    (scaling by 1/τ, log-sum-exps, softmax, accumulation) in fp32: a dot product leaves the GEMM
-    rounded to bf16 (±0.002 near 1, ±0.04 as a logit at τ = 0.05; torch has no fp32-output bf16 GEMM
-    on CPU), where logits rounded to bf16 would be off by up to ±0.06 each and so would every sum.
+    (scaling by 1/τ, exp, log-sum-exps, softmax, accumulation) in fp32. torch has no fp32-output bf16
+    GEMM on CPU, so what leaves a GEMM is rounded to bf16: the logits' GEMM returns the dot products
+    (relative rounding, ±0.04 as a logit near 1/τ = 20, where logits rounded to bf16 would be off by
+    up to ±0.06), and the gradient's GEMMs take p − I, so they return the small gradient itself rather
+    than p·b, from which b would be subtracted after rounding (~15 % error at d = 512 that way, ~2 %
+    this way; tested). Shifting the logits inside their GEMM (L − bound, as the IVF kernel does with a
+    centroid's score) would round worse here: the Cauchy-Schwarz bound lies far above the logits of
+    dissimilar pairs, e.g. at the start of training.
     """
 
     @staticmethod
@@ -110,6 +115,7 @@ class _SymmetricInfoNCE(torch.autograd.Function):
                 e = kept[k] if mode == "kept" else \
                     (ac[s : s + chunk] @ bc.T).to(a.dtype).mul_(inv_t).sub_(bound).exp_()
                 p = (r[s : s + chunk, None] + c[None, :]).mul_(e)
+            p.diagonal(s).sub_(1.0)  # the −mean(diag) term, inside the GEMMs (see the class docstring)
             if compute is None:
                 grad_a[s : s + chunk] = p @ b
                 grad_b.addmm_(p.T, a[s : s + chunk])
@@ -117,8 +123,8 @@ class _SymmetricInfoNCE(torch.autograd.Function):
                 pc = p.to(compute)
                 grad_a[s : s + chunk] = (pc @ bc).float()
                 grad_b += (pc.T @ ac[s : s + chunk]).float()
-        grad_a.sub_(b).mul_(scale)  # the −mean(diag) term
-        grad_b.sub_(a).mul_(scale)
+        grad_a.mul_(scale)
+        grad_b.mul_(scale)
         return grad_a, grad_b, None, None, None
 
 
