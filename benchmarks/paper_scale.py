@@ -357,7 +357,29 @@ def _groups_settings(args):
     from pairfree.ivf import IVFSettings
 
     return IVFSettings(select="groups", min_cosine=0.999, sample=args.sample, cache_dir=str(Path(args.cache)),
-                       **({"group_size": args.group_size} if args.group_size else {}))
+                       redo=args.redo, **({"group_size": args.group_size} if args.group_size else {}))
+
+
+#: the shares of queries `IVFSettings.redo` would redo that the groups stage projects
+REDO_SHARES = (0.001, 0.002, 0.005, 0.01)
+
+
+def _redo_projection(check, exact_s_per_query: float, n: int) -> dict:
+    """What `IVFSettings(redo=share)` would give on this hop: the check's cosines with its share of queries of
+    largest estimated error taken as exact (the check's own ranking stands in for the run's threshold over all
+    queries; on 1000-2000 check queries the smallest shares are a few queries), and the redo's time at the per-query
+    cost of calibration's exact reference (the GEMM dtype, as the redo runs), with how well the estimate
+    orders and sizes the check's errors."""
+    import numpy as np
+
+    cos, order = check.cosines(), np.argsort(-check.errors)
+    out = {"estimate_on_the_check": check.estimate_quality()}
+    for share in REDO_SHARES:
+        c = cos.copy()
+        c[order[: round(share * len(c))]] = 1.0
+        out[str(share)] = {"mean": float(c.mean()), "p1": float(np.quantile(c, 0.01)), "min": float(c.min()),
+                           "seconds": round(share * n * exact_s_per_query, 1)}
+    return out
 
 
 def _groups_hop(name: str, queries, keys, values: list, args) -> dict:
@@ -382,8 +404,10 @@ def _groups_hop(name: str, queries, keys, values: list, args) -> dict:
     t2 = time.perf_counter()
     # a run reads the check's results from its own pass; here only a share of it runs, so the check
     # gets a pass of its own, timed apart and not projected
-    check_s = _timed(lambda: check.run(gm, queries, groups, rep["rows"], tau, settings.tail))
+    check_s = _timed(lambda: check.run(gm, queries, groups, rep["rows"], tau, settings.tail, estimate=True))
     rep["cosine_to_exact"] = check.summary()
+    calibration_queries = max(1, min(1000, rep["sample"] // 2))  # as `grouped.calibrate` splits its sample
+    rep["redo_projected"] = _redo_projection(check, rep["seconds"]["calibration_reference"] / calibration_queries, n)
     rng = np.random.default_rng(0)
     timed, held = [], 0
     for i in rng.permutation(len(groups)):
@@ -439,8 +463,8 @@ SECOND_HOPS = ((2, 1, ("clip", "image"), 0), (3, 1, ("clap", "audio"), 1))
 
 def stage_second(args) -> dict:
     """The leaf and base passes' second hops measured, where the groups stage projects them: the first hop
-    run in full as a run would (`pf.aggregate(..., method="ivf")` with `select="groups"`, --gemm-dtype, cos 0.999;
-    its outputs float16 in RAM), then its aggregated second value (clip text from clap audio, clap text
+    run in full as a run would (`pf.aggregate(..., method="ivf")` with `select="groups"`, --gemm-dtype, cos 0.999,
+    --redo; its outputs float16 in RAM), then its aggregated second value (clip text from clap audio, clap text
     from clip image) as the queries of the second hop, measured as in stage `groups`."""
     import numpy as np
 
@@ -465,7 +489,9 @@ def stage_second(args) -> dict:
         second = f"{HOPS[first][3][0]} {HOPS[first][3][1]} aggregated from {name.split(' ->')[0]} -> {space} {modality}"
         hop = _groups_hop(second, outs[vi], memory, [memory], args)
         out[second] = {**hop, "first_hop": name, "first_hop_run_s": round(first_s, 1),
-                       "first_hop_report": {k: rep[k] for k in ("rows", "groups", "cosine_to_exact", "seconds")},
+                       "first_hop_report": {k: rep[k] for k in ("rows", "groups", "cosine_to_exact", "seconds", "redo",
+                                                                "cosine_to_exact_before_redo", "error_estimate")
+                                            if k in rep},
                        "projected_as": HOPS[like][0]}
         outs = None
     return {"hops": out}
@@ -673,6 +699,17 @@ def tables(summary: dict) -> str:
                          f"{h['projected_s'] / 3600:.2f} |")
         if "projected" in grp:
             lines += _totals_table("setting", grp["projected"])
+        lines += ["", "| hop | estimate vs check's error: rank correlation / error ÷ estimate² | "
+                  + " | ".join(f"redo {100 * s:g} %: cos mean / p1 / min, + s" for s in REDO_SHARES) + " |",
+                  "| --- | ---: |" + " ---: |" * len(REDO_SHARES)]
+        for hop, h in grp["hops"].items():
+            r = h.get("redo_projected")
+            if r:
+                q = r["estimate_on_the_check"] or {}
+                lines.append(f"| {hop} | {q.get('rank_correlation', float('nan')):.3f} / "
+                             f"{q.get('error_over_estimate_squared', float('nan')):.2f} | " + " | ".join(
+                                 f"{r[str(s)]['mean']:.5f} / {r[str(s)]['p1']:.4f} / {r[str(s)]['min']:.4f}, "
+                                 f"+{r[str(s)]['seconds']:.0f}" for s in REDO_SHARES) + " |")
     sec = summary.get("second")
     if sec:
         lines += ["", "| second hop (queries x memory) | first hop in full | rows / groups | cos to exact mean / p1 / min | "
@@ -743,6 +780,8 @@ def main() -> None:
                    help="share of a hop's queries (whole groups) timed by the groups stage")
     p.add_argument("--hops", default=None, help="groups and second stages: only these hops (indices into HOPS, e.g. 0,3; second: 2 and/or 3)")
     p.add_argument("--group-size", type=int, default=None, help="groups stage: IVFSettings.group_size (default its own)")
+    p.add_argument("--redo", type=float, default=0.0, help="second and ray stages: IVFSettings.redo, the share of "
+                   "queries of largest estimated error redone exactly (the groups stage projects several)")
     p.add_argument("--gemm-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="groups, second and ray stages: the GEMMs' dtype (auto: bf16 where the CPU has it in hardware, "
                         "else fp32; the README's figures are bf16)")

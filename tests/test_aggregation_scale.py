@@ -303,14 +303,15 @@ def test_ray_groups_equal_the_local_path(world, local_ray, dtype):
     results equal those of a local run with the tasks' one thread bit for bit. Against the local run on two
     threads they differ in fp32 by the summation order of MKL's threaded GEMMs over a group's few queries (up
     to 7e-6 here, as much as a local run on one thread differs from one on two); bf16 matches it exactly.
-    Where calibration falls back to exact, that runs as query shards too."""
+    With `redo`, each query's error estimate comes back from its task and the queries of largest estimate are
+    redone exactly as query shards. Where calibration falls back to exact, that runs as query shards too."""
     import torch
 
     centres = unit(np.random.default_rng(5), 50, 32)
     q = clustered(np.random.default_rng(6), 3000, 32, centres, 0.2)
     k = clustered(np.random.default_rng(7), 6000, 32, centres, 0.2)
     v = world["v"]
-    settings = IVFSettings(lists=40, select="groups", group_size=16, min_cosine=0.99, sample=600)
+    settings = IVFSettings(lists=40, select="groups", group_size=16, min_cosine=0.99, sample=600, redo=0.02)
     rep_local, rep_ray = {}, {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -324,6 +325,8 @@ def test_ray_groups_equal_the_local_path(world, local_ray, dtype):
     assert rep_ray["backend"] == "ray" and rep_ray["shards"] == 2 and rep_local["groups"] > 2 * 64
     for key in ("rows", "groups", "work_fraction", "cosine_to_exact"):
         assert rep_ray[key] == rep_local[key], key
+    # each query's error estimate comes back from the tasks: the same queries are redone (as query shards)
+    assert rep_ray["redo"]["queries"] == 60 and rep_ray["error_estimate"] == rep_one["error_estimate"]
     # calibration's kept selections are built by one-thread tasks: its trials are the one-thread run's
     assert rep_ray["calibration_trials"] == rep_one["calibration_trials"]
     for a, b in zip(rep_ray["calibration_trials"], rep_local["calibration_trials"], strict=True):

@@ -25,7 +25,7 @@ def world(rng):
 def _run(gm: GroupedMemory, q: np.ndarray, groups, rows: int, tail: str, tau: float = 0.01):
     outs = [np.zeros((len(q), gm.value(i).shape[1]), np.float32) for i in range(len(gm.values))]
 
-    def sink(g, res):
+    def sink(g, res, err=None):
         for o, r in zip(outs, res):
             o[g] = r.numpy()
 
@@ -309,6 +309,11 @@ def test_settings_say_what_select_groups_needs(world):
         assert field not in IVFSettings().key() and field in IVFSettings(select="groups", rows=8).key()
     with pytest.raises(ValueError, match="regroup=1.5"):
         IVFSettings(select="groups", rows=8, regroup=1.5)
+    for bad in ({"redo": 0.01}, {"redo": 0.01, "select": "groups", "rows": 8, "tail": "mean"},
+                {"redo": 1.5, "select": "groups", "rows": 8}):
+        with pytest.raises(ValueError, match="redo=.*needs select='groups' with tail='sampled'"):
+            IVFSettings(**bad)
+    assert "redo" in IVFSettings(select="groups", rows=8, redo=0.01).key()
 
 
 def test_buffers_reused_across_groups_leave_no_trace(world):
@@ -479,3 +484,72 @@ def test_a_cell_too_large_for_one_round_is_split_in_stages(world):
     assert sum(len(p) for p, _ in same) == 300
     few = _split(x, idx, size=500, iters=4, fanout=4)  # 3 parts: one round, as before
     assert len(few) <= 3
+
+
+def test_the_error_estimate_is_the_horvitz_thompson_variance_of_each_querys_mass(world):
+    """Each member's estimated error is sqrt(Σ w² (1 - 1/f)) / Σ w over its group's sampled rows (w its
+    weight times the row's factor f), as computed directly in float64; and over 300 independent draws
+    that variance estimate averages to the spread its mass estimate actually has (priority sampling's
+    variance estimator is unbiased), query by query, also for the members far from the mean."""
+    q, k, v = world["q"], world["k"], world["v"]
+    tau, rows = 0.05, 300
+    groups = query_groups(q, torch.from_numpy(unit(np.random.default_rng(3), 8, q.shape[1])), size=64)
+    g = max(groups, key=len)[:48]
+    x = torch.from_numpy(q[g]).double()
+    mean = torch.nn.functional.normalize(x.mean(0, keepdim=True), dim=1).float()
+    a = (x @ torch.from_numpy(k).double().T / tau)
+    a = (a - a.amax(1, keepdim=True)).exp()  # each member's own weights over the whole memory
+    est, var = [], []
+    for seed in range(300):
+        gm = GroupedMemory(k, [v], torch.device("cpu"), seed=seed)
+        top, log_f = gm.selections(mean, rows, tau, "sampled")
+        f = log_f[0].double().exp()
+        af = a[:, top[0]] * f
+        est.append(af.sum(1))
+        var.append((af**2 * (1 - 1 / f)).sum(1))
+        if seed == 0:
+            _, got = gm.group(torch.from_numpy(q[g]), top[0], log_f[0], tau, estimate=True)
+            assert gm.group(torch.from_numpy(q[g]), top[0], log_f[0], tau)[1] is None  # only when asked for
+            torch.testing.assert_close(got.double(), var[0].sqrt() / est[0], rtol=1e-4, atol=1e-7)
+    est, var = torch.stack(est), torch.stack(var)
+    ratio = var.mean(0) / est.var(0)  # here 0.83-1.20, median 1.007
+    assert 0.9 < ratio.median() < 1.1 and 0.7 < ratio.min() and ratio.max() < 1.4, ratio
+    spread = est.std(0) / a.sum(1)  # 0.06 to 3.6: the far members' masses are estimated far worse
+    assert spread.max() > 10 * spread.min()
+
+
+def test_redo_recomputes_exactly_the_queries_of_largest_estimated_error(rng):
+    """`redo=0.05`: after the pass, the 5 % of queries whose estimated error is largest are exact (<= 1e-5),
+    the others as without it; the estimate orders the check's errors (rank correlation reported and high),
+    and the redo lifts the check's worst cosine."""
+    centres = unit(rng, 50, 32)
+    q = clustered(rng, 1500, 32, centres, offset=0.6 * unit(rng, 1, 32)[0])
+    k = clustered(rng, 6000, 32, centres)
+    settings = dict(lists=60, select="groups", rows=400, group_size=64, sample=600)
+    plain, fixed = {}, {}
+    a = aggregate(q, k, tau=0.05, method="ivf", report=plain, ivf=IVFSettings(**settings))
+    b = aggregate(q, k, tau=0.05, method="ivf", report=fixed, ivf=IVFSettings(**settings, redo=0.05))
+    exact = aggregate_dense(q, k, tau=0.05)
+    changed = np.flatnonzero(np.abs(a - b).max(1) > 0)
+    assert len(changed) == fixed["redo"]["queries"] == 75
+    np.testing.assert_allclose(b[changed], exact[changed], atol=1e-5)
+    cos = (a * exact).sum(1)
+    assert cos[changed].mean() < np.delete(cos, changed).mean() - 0.01  # it found worse than average ones
+    # the 75 redone are those of largest estimate: run the pass alone and read the estimates
+    gm = GroupedMemory(k, [k], torch.device("cpu"))
+    est = np.empty(len(q), dtype=np.float32)
+
+    def sink(g, res, err):
+        est[g] = err.numpy()
+
+    from pairfree.ivf import cached_partition
+    part = cached_partition(k, 60, IVFSettings(**settings), torch.device("cpu"))
+    gm.aggregate(q, query_groups(q, torch.from_numpy(part.centroids), 64), 400, 0.05, "sampled", sink=sink,
+                 estimate=True)
+    assert set(changed) == set(np.argsort(-est)[:75])
+    assert "error_estimate" not in plain  # estimated only for a redo (it costs a pass over the weights)
+    quality = fixed["error_estimate"]["on_the_check"]
+    assert quality["rank_correlation"] > 0.8 and 0 < quality["error_over_estimate_squared"] < 2, quality
+    assert fixed["cosine_to_exact"]["min"] > fixed["cosine_to_exact_before_redo"]["min"]
+    assert fixed["cosine_to_exact_before_redo"] == plain["cosine_to_exact"]
+    assert fixed["work_fraction"] > plain["work_fraction"]

@@ -27,7 +27,8 @@ def test_groups_and_second_stages_on_the_mini_world(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PAIRFREE_PROGRESS": "lines", "PAIRFREE_CACHE": str(tmp_path / "cache")}
     run = subprocess.run([sys.executable, str(SCRIPT), "--preset", "mini", "--world", str(tmp_path / "world"),
-                          "--stages", "world,groups,second", "--sample", "1600", "--threads", "2", "--out", str(out)],
+                          "--stages", "world,groups,second", "--sample", "1600", "--threads", "2", "--out", str(out),
+                          "--redo", "0.01"],
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -37,11 +38,17 @@ def test_groups_and_second_stages_on_the_mini_world(tmp_path):
     for name, hop in groups.items():
         assert hop["cosine_to_exact"]["mean"] > 0.998, name  # calibrated to 0.999 on 1000 queries, checked on 600
         assert 0 < hop["rows"] <= hop["memory"]
-    # each pass's first hop, run in full as a user's run would, chooses what the groups stage measured
+        redo = hop["redo_projected"]  # the check's cosines with its largest estimates as exact, and their cost
+        assert redo["estimate_on_the_check"]["rank_correlation"] > 0.5, name
+        assert redo["0.01"]["min"] >= hop["cosine_to_exact"]["min"] and redo["0.01"]["seconds"] > 0
+    # each pass's first hop, run in full as a user's run would (here with --redo 0.01), chooses what the
+    # groups stage measured, and then redoes 1 % of its queries exactly
     for hop in second.values():
-        first = groups[hop["first_hop"]]
-        assert (hop["first_hop_report"]["rows"], hop["first_hop_report"]["groups"]) == (first["rows"], first["groups"])
-        assert hop["first_hop_report"]["cosine_to_exact"] == pytest.approx(first["cosine_to_exact"], abs=1e-6)
+        first, report = groups[hop["first_hop"]], hop["first_hop_report"]
+        assert (report["rows"], report["groups"]) == (first["rows"], first["groups"])
+        assert report["cosine_to_exact_before_redo"] == pytest.approx(first["cosine_to_exact"], abs=1e-6)
+        assert report["redo"]["queries"] == -(-hop["queries"] // 100)
+        assert report["cosine_to_exact"]["min"] >= report["cosine_to_exact_before_redo"]["min"]
     # the leaf total: the overlap pass's two hops projected, the leaf and base passes as run, checks apart
     direct = sum(groups[h[0]]["projected_s"] for h in ps.HOPS[:2]) + sum(
         h["first_hop_run_s"] - h["first_hop_report"]["seconds"]["check_reference"] + h["projected_s"]

@@ -104,10 +104,10 @@ def _reference_shard(q: np.ndarray, keys: np.ndarray, values: list, tau: float, 
 
 
 def _groups_shard(q: np.ndarray, ids: np.ndarray, lengths: np.ndarray, keys: np.ndarray, values: list,
-                  dtype: torch.dtype, seed: int, rows: int, tau: float, tail: str, batch: int):
+                  dtype: torch.dtype, seed: int, rows: int, tau: float, tail: str, batch: int, estimate: bool):
     """One shard of groups: `q` their queries in group order, `ids` those queries' indices among all, each
     group `lengths` long. Returns the results (one float32 array per value, rows aligned with `ids`) and
-    the scores computed."""
+    the scores computed, and with `estimate` each query's estimated error (else None)."""
     from pairfree.grouped import GroupedMemory
     from pairfree.memory import put_rows
 
@@ -115,13 +115,16 @@ def _groups_shard(q: np.ndarray, ids: np.ndarray, lengths: np.ndarray, keys: np.
     gm = GroupedMemory(k, _values(k, values), torch.device("cpu"), dtype, seed)
     groups = np.split(np.arange(len(q)), np.cumsum(lengths)[:-1])
     outs = [np.empty((len(q), gm.value(i).shape[1]), dtype=np.float32) for i in range(len(values))]
+    errors = np.empty(len(q), dtype=np.float32) if estimate else None
 
-    def sink(g: np.ndarray, res: list[torch.Tensor]) -> None:
+    def sink(g: np.ndarray, res: list[torch.Tensor], err: torch.Tensor | None) -> None:
         for o, r in zip(outs, res):
             put_rows(o, g, r)
+        if errors is not None:
+            errors[g] = err.numpy()
 
-    scored = gm.aggregate(q, groups, rows, tau, tail, batch=batch, sink=sink, ids=ids)
-    return outs, scored
+    scored = gm.aggregate(q, groups, rows, tau, tail, batch=batch, sink=sink, ids=ids, estimate=estimate)
+    return outs, scored, errors
 
 
 def _kept_shard(q: np.ndarray, ids: np.ndarray, lengths: np.ndarray, members: list, keys: np.ndarray, values: list,
@@ -265,7 +268,8 @@ class RayGroups:
         done = dict(self._each(jobs, submit))
         return [[(part, torch.from_numpy(total)) for part, total in cell] for job in jobs for cell in done[job]]
 
-    def groups(self, gm, queries, groups, rows: int, tau: float, tail: str, sink, batch: int = 64) -> int:
+    def groups(self, gm, queries, groups, rows: int, tau: float, tail: str, sink, batch: int = 64,
+               estimate: bool = False) -> int:
         from pairfree.memory import as_tensor
 
         sizes = np.array([len(g) for g in groups])
@@ -280,11 +284,11 @@ class RayGroups:
             a, b = job
             ids = np.concatenate(groups[a:b])
             return task.remote(_stored(queries, ids), ids, sizes[a:b], keys_ref, vals, gm.dtype, gm.seed, rows, tau,
-                               tail, batch)
+                               tail, batch, estimate)
 
         scored = 0
-        for (a, b), (outs, count) in self._each(cuts, submit):
-            sink(np.concatenate(groups[a:b]), [as_tensor(o) for o in outs])
+        for (a, b), (outs, count, errors) in self._each(cuts, submit):
+            sink(np.concatenate(groups[a:b]), [as_tensor(o) for o in outs], None if errors is None else as_tensor(errors))
             scored += count
         return scored
 

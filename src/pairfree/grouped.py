@@ -33,7 +33,9 @@ exact in the GEMM dtype (mean cosine, less two standard errors, at least `min_co
 probes, the sample stratified by the queries' cosine to their group's mean (`Strata`); its trials read
 one kept pass (`KeptSelections`), and a uniform sample checks the run against fp32 exact. A query far
 from its group's mean is served worse than the mean query: the report's 1st percentile and minimum say
-how much. Groups are formed over all the queries of
+how much. Each query's error can be estimated from its own weights over the sample, without an exact
+reference (`GroupedMemory._relative_error`), and `IVFSettings.redo` recomputes the share of queries with
+the largest estimates exactly after the pass. Groups are formed over all the queries of
 a call (denser queries, tighter groups); on Ray (`distributed.RayGroups`) the driver keeps the sums
 that need every query and the reading of calibration's trials, and tasks do the rest.
 """
@@ -307,8 +309,10 @@ class GroupedMemory:
         score = keys[:, :-1] - e[(top + offsets[:, None].to(top.device)) % m]
         return _best_first(score, top, (keys[:, -1:] - score).clamp_min(0))
 
-    def group(self, q: torch.Tensor, top: torch.Tensor, tail, tau: float) -> list[torch.Tensor]:
-        """One group's queries (fp32) softmax-averaged over its selected rows `top`, with its tail:
+    def group(self, q: torch.Tensor, top: torch.Tensor, tail, tau: float, estimate: bool = False
+              ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """One group's queries (fp32) softmax-averaged over its selected rows `top` (one tensor per value),
+        and, sampled with `estimate`, each query's estimated error (`_relative_error`; else None). The tail:
 
         - sampled (`tail` the rows' log factors): each row's weight times its factor, so the sums
           over the selection estimate the query's own sums over the whole memory (unbiased, each; their
@@ -351,7 +355,20 @@ class GroupedMemory:
             if mean_tail:
                 h = (h + (totals[i] - (w_top @ vr).float()) / top_mass) / (1 + rho)
             outs.append(h)
-        return outs
+        return outs, self._relative_error(w, mass, tail) if sampled and estimate else None
+
+    def _relative_error(self, w: torch.Tensor, mass: torch.Tensor, log_factors: torch.Tensor) -> torch.Tensor:
+        """Per query, the estimated relative standard error of its sampled softmax mass: a row kept with
+        probability 1/f stands for f rows, and the Horvitz-Thompson variance of a sum of weights w (its
+        factor included) is estimated by Σ w² (1 - 1/f) over the kept rows (rows kept for sure, f = 1, add
+        none). One more pass over the weights (a square and a matrix-vector product: 4 % of a group's time in
+        fp32, so only computed when asked for).
+        On the paper-scale world its rank correlation with a query's error (1 - cosine to exact) is
+        0.97-0.99, and that error is ~0.4x its square (docs/paper_scale.md): it finds the far queries a
+        group's shared sample serves badly without an exact reference, so `IVFSettings.redo` can redo them."""
+        keep = (-log_factors).expm1_().neg_().to(w.dtype)  # 1 - 1/f
+        sq = torch.mul(w, w, out=self._buffer("squares", *w.shape))
+        return (sq @ keep).float().clamp_min_(0).sqrt_() / mass
 
     def weights(self, q: torch.Tensor, kr: torch.Tensor, tau: float, out: torch.Tensor | None = None) -> torch.Tensor:
         """exp((q·k - max(q·kr[:SHIFT_ROWS])) / τ) for fp32 queries over rows `kr`, in the GEMM dtype,
@@ -401,10 +418,11 @@ class GroupedMemory:
 
     def aggregate(self, queries, groups: Sequence[np.ndarray], rows: int, tau: float, tail: str = "sampled",
                   batch: int = 64, sink=None, score: Sequence[np.ndarray] | None = None,
-                  ids: np.ndarray | None = None) -> int:
-        """Every group through `selections` and `group`; `sink(indices, results)` receives each group's
-        results (fp32 tensors, one per value). `score`: per group, the members to score (calibration
-        scores its sample only; the means still come from whole groups). `ids`: see `passes`. Returns
+                  ids: np.ndarray | None = None, estimate: bool = False) -> int:
+        """Every group through `selections` and `group`; `sink(indices, results, errors)` receives each
+        group's results (fp32 tensors, one per value) and, with `estimate`, their estimated errors (`group`;
+        else None). `score`: per group, the members to score (calibration scores its sample only; the means
+        still come from whole groups). `ids`: see `passes`. Returns
         the (query, row) scores computed."""
         scored = 0
         for s, qs, (top, tails) in self.passes(queries, groups, rows, tau, tail, batch, ids=ids):
@@ -412,10 +430,10 @@ class GroupedMemory:
                 if score is not None:
                     keep = np.isin(g, score[s + j])
                     g, q = g[keep], q[torch.from_numpy(keep).to(q.device)]
-                res = self.group(q, top[j], _tail_of(tails, j), tau)
+                res, err = self.group(q, top[j], _tail_of(tails, j), tau, estimate)
                 scored += len(g) * top.shape[1]
                 if sink is not None:
-                    sink(g, res)
+                    sink(g, res, err)
         return scored
 
 
@@ -618,7 +636,7 @@ class KeptSelections:
                                                         (keys[rows] - score[None, :rows]).clamp_min(0)))
                 elif t is not None:
                     t = (t[0][:rows], t[1], t[2])
-                res = self.gm.group(self.q[j], top, t, self.tau)
+                res, _ = self.gm.group(self.q[j], top, t, self.tau)
             sink(ids, res)
 
 
@@ -776,23 +794,58 @@ def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list
                                    "calibration": round(t2 - t1, 3), "aggregation": round(time.perf_counter() - t2, 3)}})
         return report
     bar = progress_bar(n, progress if isinstance(progress, str) else "aggregate", bool(progress), unit="q")
+    errors = np.full(n, math.nan, dtype=np.float32) if settings.redo else None  # redo needs tail="sampled"
 
-    def sink(g: np.ndarray, res: list[torch.Tensor]) -> None:
-        check.sink(g, res)
+    def write(g: np.ndarray, res: list[torch.Tensor]) -> None:
         for o, r in zip(outs, res):
             put_rows(o, g, torch.nn.functional.normalize(r, dim=-1) if normalize else r)
+
+    def sink(g: np.ndarray, res: list[torch.Tensor], err: torch.Tensor | None) -> None:
+        check.sink(g, res, err)
+        write(g, res)
+        if errors is not None:
+            errors[g] = err.cpu().numpy()
         bar.update(len(g))
 
     if runner is not None:
-        scored = runner.groups(gm, queries, groups, rows, tau, tail, sink)
+        scored = runner.groups(gm, queries, groups, rows, tau, tail, sink, estimate=errors is not None)
     else:
-        scored = gm.aggregate(queries, groups, rows, tau, tail, sink=sink)
+        scored = gm.aggregate(queries, groups, rows, tau, tail, sink=sink, estimate=errors is not None)
     bar.close()
+    t3 = time.perf_counter()
+    if errors is not None:
+        report["error_estimate"] = {"p50": float(np.quantile(errors, 0.5)), "p99": float(np.quantile(errors, 0.99)),
+                                    "max": float(errors.max()), "on_the_check": check.estimate_quality()}
+    redone = math.ceil(settings.redo * n) if errors is not None else 0
+    if redone:  # the queries of largest estimated error, exact in the GEMM dtype (its copy already here)
+        report["cosine_to_exact_before_redo"] = check.summary()
+        ids = np.sort(np.argpartition(errors, n - redone)[n - redone :])
+        res = exact_rows(queries, ids, gm.keys, [gm.value(i) for i in range(len(gm.values))], tau=tau, dtype=dtype,
+                         device=device, runner=runner)
+        write(ids, res)
+        check.sink(ids, res)
+        report["redo"] = {"queries": redone, "share": settings.redo, "estimate_above": float(errors[ids].min()),
+                          "seconds": round(time.perf_counter() - t3, 3)}
     report.update({"cosine_to_exact": check.summary(),
-                   "work_fraction": (scored + len(groups) * m) / max(1, n * m),
+                   "work_fraction": (scored + len(groups) * m + redone * m) / max(1, n * m),
                    "seconds": {**report["seconds"], "grouping": round(t1 - t0, 3),
-                               "calibration": round(t2 - t1, 3), "aggregation": round(time.perf_counter() - t2, 3)}})
+                               "calibration": round(t2 - t1, 3), "aggregation": round(t3 - t2, 3),
+                               "redo": round(time.perf_counter() - t3, 3)}})
     return report
+
+
+def exact_rows(queries, ids: np.ndarray, keys, values: list, *, tau: float, dtype: torch.dtype, device: torch.device,
+               runner=None, keep: bool = True, resident_bytes: int = 4 << 30) -> list[torch.Tensor]:
+    """Exact aggregates (unnormalised, fp32, one per value) of the queries `ids`: calibration's and the
+    check's references, and the queries `IVFSettings.redo` redoes. `runner`: as query shards there (`keep`:
+    the memories stay put for later tasks, as the GEMM dtype's copy the groups read)."""
+    from pairfree.memory import aggregate
+
+    q = host_rows(queries, ids)
+    if runner is not None:
+        return runner.reference(q, keys, values, tau=tau, dtype=dtype, keep=keep, resident_bytes=resident_bytes)
+    return [torch.from_numpy(e) for e in aggregate(q, keys, values, tau=tau, device=device, normalize=False,
+                                                   dtype=dtype, resident_bytes=resident_bytes)]
 
 
 class Check:
@@ -803,20 +856,25 @@ class Check:
     def __init__(self, ids: np.ndarray, exact: list[torch.Tensor]):
         self.ids, self.exact = ids, exact
         self.got = [torch.full_like(e, math.nan) for e in exact]
+        self.errors = np.full(len(ids), math.nan, dtype=np.float32)
 
-    def sink(self, g: np.ndarray, res: list[torch.Tensor]) -> None:
-        """Take the results of queries `g` (rows of `res`) that are in the check."""
+    def sink(self, g: np.ndarray, res: list[torch.Tensor], errors: torch.Tensor | None = None) -> None:
+        """Take the results of queries `g` (rows of `res`), and their estimated errors, that are in the check."""
         hit = np.isin(g, self.ids)
         if hit.any():
             at = torch.from_numpy(np.searchsorted(self.ids, g[hit]))
             sel = torch.from_numpy(np.flatnonzero(hit))
             for o, r in zip(self.got, res):
                 o[at] = r[sel.to(r.device)].float().cpu()
+            if errors is not None:
+                self.errors[at.numpy()] = errors[sel.to(errors.device)].cpu().numpy()
 
-    def run(self, gm: GroupedMemory, queries, groups, rows: int, tau: float, tail: str) -> None:
-        """Compute the check's queries in a pass of their own (their groups' selections, only them scored)."""
+    def run(self, gm: GroupedMemory, queries, groups, rows: int, tau: float, tail: str, estimate: bool = False
+            ) -> None:
+        """Compute the check's queries in a pass of their own (their groups' selections, only them scored;
+        `estimate`: with their estimated errors)."""
         subset, inside = _members(groups, self.ids)
-        gm.aggregate(queries, subset, rows, tau, tail, sink=self.sink, score=inside)
+        gm.aggregate(queries, subset, rows, tau, tail, sink=self.sink, score=inside, estimate=estimate)
 
     def cosines(self) -> np.ndarray:
         """Per check query, the lowest cosine over the values to its exact aggregate."""
@@ -830,6 +888,20 @@ class Check:
     def summary(self) -> dict[str, float]:
         cos = self.cosines()
         return {"mean": float(cos.mean()), "p1": float(np.quantile(cos, 0.01)), "min": float(cos.min())}
+
+    def estimate_quality(self) -> dict[str, float] | None:
+        """How well the estimated errors (`GroupedMemory._relative_error`) order and size the check's errors
+        (1 - cosine to exact): their Spearman rank correlation, and the median of error / estimate²
+        (an estimate e means a cosine of about 1 - that x e²). None without estimates."""
+        err = 1 - self.cosines().astype(np.float64)
+        est = self.errors.astype(np.float64)
+        if not np.isfinite(est).all() or len(est) < 3:
+            return None
+        rank = [np.argsort(np.argsort(x, kind="stable"), kind="stable") for x in (est, err)]
+        rho = float(np.corrcoef(*rank)[0, 1]) if rank[0].std() and rank[1].std() else math.nan
+        pos = est > 0
+        scale = float(np.median(err[pos] / est[pos] ** 2)) if pos.any() else math.nan
+        return {"rank_correlation": rho, "error_over_estimate_squared": scale}
 
 
 def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequence[np.ndarray], tau: float,
@@ -847,8 +919,6 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
     queries, a resident fp32 copy of a float16 paper-scale memory (2.7 GB for 1.3M x 512) costs as much
     as it saves, and on Ray every reference task held one, which on a 23 GB machine evicted the
     queries' page cache from under the groups' pass. Streamed, the result is the same bit for bit."""
-    from pairfree.memory import aggregate
-
     n, m = queries.shape[0], keys.shape[0]
     rng = np.random.default_rng(settings.seed + 1)
     sample = np.sort(rng.choice(n, min(settings.sample, n), replace=False))
@@ -858,13 +928,8 @@ def calibrate(gm: GroupedMemory, queries, keys, values: Sequence, groups: Sequen
     chk = sample[np.sort(perm[n_cal:])] if len(sample) > 1 else cal
     strata = None
 
-    def reference(ids: np.ndarray, k, vs: list, dtype: torch.dtype, keep: bool = True,
-                  resident_bytes: int = 4 << 30) -> list[torch.Tensor]:
-        q = host_rows(queries, ids)
-        if runner is not None:  # the memory's GEMM-dtype copy stays put for the groups; the check's is released
-            return runner.reference(q, k, vs, tau=tau, dtype=dtype, keep=keep, resident_bytes=resident_bytes)
-        return [torch.from_numpy(e) for e in aggregate(q, k, vs, tau=tau, device=device, normalize=False, dtype=dtype,
-                                                       resident_bytes=resident_bytes)]
+    def reference(ids: np.ndarray, k, vs: list, dtype: torch.dtype, **kw) -> list[torch.Tensor]:
+        return exact_rows(queries, ids, k, vs, tau=tau, dtype=dtype, device=device, runner=runner, **kw)
 
     t0 = time.perf_counter()
     rows, trials, cal_reference_s = settings.rows, [], 0.0

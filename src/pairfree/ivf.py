@@ -86,12 +86,15 @@ class IVFSettings:
     # mean; the check stays uniform). tail: "sampled" (the selection a priority
     # sample: its best rows for sure, the rest by importance, each row weighted to stand for those
     # not drawn), "mean" (the best rows, the rest as the mean's softmax tail) or "none". regroup: the
-    # share of queries farthest from their group's mean moved to the nearest mean of all groups
+    # share of queries farthest from their group's mean moved to the nearest mean of all groups. redo
+    # (sampled): the share of queries of largest estimated error (`GroupedMemory._relative_error`) redone
+    # exactly after the pass, in the GEMM dtype; each costs what a query of exact costs
     select: str = "lists"
     group_size: int = 1024
     regroup: float = 0.3
     rows: int | None = None
     tail: str = "sampled"
+    redo: float = 0.0
 
     def __post_init__(self) -> None:
         checks = {"lists": self.lists is None or self.lists >= 1, "probes": self.probes is None or self.probes >= 1,
@@ -101,18 +104,21 @@ class IVFSettings:
                   "sample": self.sample >= 2, "train_per_list": self.train_per_list >= 1, "iters": self.iters >= 1,
                   "query_block": self.query_block >= 1, "select": self.select in SELECTS,
                   "group_size": self.group_size >= 1, "regroup": 0 <= self.regroup <= 1,
-                  "rows": self.rows is None or self.rows >= 1, "tail": self.tail in TAILS}
+                  "rows": self.rows is None or self.rows >= 1, "tail": self.tail in TAILS,
+                  "redo": 0 <= self.redo <= 1 and (self.redo == 0 or (self.select, self.tail) == ("groups", "sampled"))}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"IVFSettings: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
-                             f"(select is one of {list(SELECTS)}, tail one of {list(TAILS)})")
+                             f"(select is one of {list(SELECTS)}, tail one of {list(TAILS)}; redo is a share "
+                             f"in [0, 1] and needs select='groups' with tail='sampled', whose queries have an "
+                             f"error estimate)")
         if self.select == "groups" and self.min_cosine is None and self.rows is None:
             raise ValueError("IVFSettings(select='groups') needs min_cosine (the calibration target, e.g. 0.999) "
                              "or rows: its error is not a dropped mass that max_dropped could bound")
 
     def key(self) -> str:
         """The settings that change the result, as a stable string (for cache keys)."""
-        groups_only = {"select", "group_size", "regroup", "rows", "tail"}
+        groups_only = {"select", "group_size", "regroup", "rows", "tail", "redo"}
         skip = {"query_block", "cache_dir"} | (groups_only if self.select == "lists" else set())
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         return json.dumps(fields, sort_keys=True)
