@@ -90,3 +90,16 @@ def test_extend_then_embed(files, capsys):
     bad[bad.index("clap:text")] = "clap:image"
     assert main(bad) == 2
     assert "image" in capsys.readouterr().err
+
+
+def test_every_commands_help_renders(capsys):
+    """argparse %-formats help text: a "%" in an option's prose once broke `fit --help` and `extend --help`."""
+    from pairfree.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"fit", "extend", "eval", "search"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0, name
+        assert "usage: pairfree" in capsys.readouterr().out

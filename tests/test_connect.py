@@ -122,6 +122,11 @@ def test_errors(tmp_path, rng):
         m.embed("clap", "image", unit(rng, 2, 12))
     with pytest.raises(ValueError, match=r"CMCRConfig.projector: expected one of \[.mlp1., .mlp2.\], got .mlp9."):
         pf.CMCRConfig(projector="mlp9")
+    # settings that only make sense together are refused when the config is made, naming its fields
+    with pytest.raises(ValueError, match="aggregation_select='groups' needs aggregation_min_cosine"):
+        pf.CMCRConfig(aggregation="ivf", aggregation_select="groups")
+    with pytest.raises(ValueError, match="aggregation_redo=0.01 needs aggregation_select='groups'"):
+        pf.CMCRConfig(aggregation="ivf", aggregation_redo=0.01)
     m.save(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors"):

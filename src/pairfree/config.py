@@ -139,7 +139,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
         typ, optional = field_type(cls, f)
         rules = f.metadata.get("rules", {})
         doc = f.metadata.get("doc", "")
-        help_text = (doc + "; " if doc else "") + f"default {f.default!r}"
+        # argparse %-formats help strings: a "%" in prose ("14 % more") would break --help
+        help_text = ((doc + "; " if doc else "") + f"default {f.default!r}").replace("%", "%%")
         if typ is bool:
             group.add_argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None,
                                help=help_text)
