@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one go (about 3-4 minutes on one H100/H200-class GPU): fused SDPA backends at d = 512,
-# exact and IVF aggregation in fp32 / fp16 / bf16 against the GEMM rate, Ex-MCR training steps in fp32 /
+# exact and IVF aggregation (lists and groups) in fp32 / fp16 / bf16 against the GEMM rate, Ex-MCR training steps in fp32 /
 # fp16 (loss scaling) / bf16, and a tiny CLIP encoder in fp16. Uses the repository's .venv when it has a
 # CUDA torch, else the python on PATH (GPU machines usually have torch; nothing is downloaded).
 #   bash benchmarks/gpu.sh [--memory 1300000] [--queries 65536]

@@ -36,8 +36,15 @@ def test_gpu_script_runs_every_part_on_a_cpu(tmp_path):
     lists = agg["ivf float32 cos>=0.99"]
     assert lists.get("ran") != "exact" and 0 < lists["work_fraction"] < 0.5, lists
     assert lists["cosine_to_exact"]["mean"] >= 0.985, lists["cosine_to_exact"]
-    for name in ("ivf float32 cos>=0.999", "ivf bfloat16 cos>=0.999"):
+    for name in ("ivf float32 cos>=0.999", "ivf bfloat16 cos>=0.999", "ivf float32 cos>=0.999 groups"):
         assert agg[name]["cosine_to_exact"]["mean"] >= 0.998, (name, agg[name]["cosine_to_exact"])
+    # select="groups" runs for real too, with each query's error estimate and the exact redo of the largest
+    groups = agg["ivf float32 cos>=0.99 groups"]
+    assert groups.get("ran") != "exact" and 0 < groups["work_fraction"] < 0.5, groups
+    assert groups["cosine_to_exact"]["mean"] >= 0.985, groups["cosine_to_exact"]
+    assert groups["redo"]["queries"] == math.ceil(0.002 * 256), groups["redo"]
+    assert groups["error_estimate"]["on_the_check"]["rank_correlation"] > 0.5, groups["error_estimate"]
+    assert "ivf bfloat16 cos>=0.999 groups" not in agg  # bf16 in software: left to a device that has it
 
     train = res["training"]
     assert set(train) == {"fp32", "bf16"}  # fp16 with loss scaling is CUDA's
