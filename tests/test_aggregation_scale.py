@@ -2,6 +2,8 @@
 measured tolerance, the calibrated IVF approximation within its reported bound, and the Ray path equal
 to the local one."""
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -208,14 +210,22 @@ def test_ivf_calibration_meets_its_bound_and_reports_the_truth(rng):
     assert rep2["probes"] > rep["probes"] and (tight * exact).sum(1).mean() >= cos.mean()
 
 
-def test_ivf_runs_exact_when_the_mass_is_spread(world):
+def test_ivf_runs_exact_when_the_mass_is_spread(world, monkeypatch):
     """On a memory whose softmax mass spreads over most lists, scanning lists would cost more than the
-    fused exact kernel: it runs exact (and says why), and `min_cosine` trades accuracy explicitly."""
+    fused exact kernel: it runs exact (and says why), and `min_cosine` trades accuracy explicitly. Where
+    exact takes hours (above AUTO_EXACT_PAIRS, lowered here to this size) it also warns, naming the way out."""
     q, k = world["q"][:600], world["k"]
     rep = {}
-    out = aggregate(q, k, method="ivf", ivf=IVFSettings(lists=40, exact_above=0.2, sample=600), report=rep)
+    settings = IVFSettings(lists=40, exact_above=0.2, sample=600)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # at this size, no warning: exact takes a moment
+        out = aggregate(q, k, method="ivf", ivf=settings, report=rep)
     assert rep["ran"] == "exact" and "scan" in rep["why"]
     np.testing.assert_allclose(out, aggregate_dense(q, k), atol=1e-5)
+    monkeypatch.setattr(memory, "AUTO_EXACT_PAIRS", len(q) * len(k) - 1)
+    with pytest.warns(RuntimeWarning, match=r"probes scan \d+% .*600 x .* run exact; .*min_cosine=0.999 with "
+                                            r"select='groups' \(--aggregation-min-cosine 0.999"):
+        aggregate(q, k, method="ivf", ivf=settings)
     rep = {}
     cheap = aggregate(q, k, method="ivf", ivf=IVFSettings(lists=40, min_cosine=0.99, exact_above=1, sample=600),
                       report=rep)

@@ -94,11 +94,17 @@ def test_unnormalised_inputs_whose_weighted_sums_overflow_are_redone(dtype):
     assert report["cosine_to_exact"]["mean"] > 0.998 and cos.mean() > 0.998
 
 
-def test_runs_exact_when_the_selection_would_cost_more(world):
-    """Selecting every row costs more than exact (the group means' pass on top): it runs exact, says why."""
+def test_runs_exact_when_the_selection_would_cost_more(world, monkeypatch):
+    """Selecting every row costs more than exact (the group means' pass on top): it runs exact, says why,
+    and where exact takes hours (above AUTO_EXACT_PAIRS, lowered here) warns on the terminal too."""
+    from pairfree import memory
+
     q, k = world["q"][:300], world["k"]
     rep = {}
-    out = aggregate(q, k, method="ivf", report=rep, ivf=IVFSettings(lists=30, select="groups", rows=len(k), sample=50))
+    monkeypatch.setattr(memory, "AUTO_EXACT_PAIRS", len(q) * len(k) - 1)
+    with pytest.warns(RuntimeWarning, match=r"selection scores \d+% of the memory per query .* 300 x 6,000 .* run exact"):
+        out = aggregate(q, k, method="ivf", report=rep,
+                        ivf=IVFSettings(lists=30, select="groups", rows=len(k), sample=50))
     assert rep["select"] == "groups" and rep["ran"] == "exact" and "selection" in rep["why"]
     np.testing.assert_allclose(out, aggregate_dense(q, k), atol=1e-5)
 

@@ -369,7 +369,7 @@ def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, meth
     info["shards"] = len(bounds) - 1
     q = _array(queries)
     if method == "ivf":
-        from pairfree.ivf import IVFSettings, ProbedMemory, calibrate, cached_partition
+        from pairfree.ivf import IVFSettings, ProbedMemory, calibrate, cached_partition, exact_fallback
 
         settings = ivf or IVFSettings()
         dev = torch.device("cpu")
@@ -380,7 +380,8 @@ def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, meth
         info.update({"lists": len(part.offsets) - 1, **cal})
         if cal["rows_scanned_per_query"] > settings.exact_above * m:  # as the local path: exact is faster
             method = "exact"
-            info.update({"ran": "exact", "work_fraction": 1.0})
+            info.update({"ran": "exact", "work_fraction": 1.0,
+                         "why": exact_fallback(n, m, cal["rows_scanned_per_query"], settings)})
         else:
             keys_ref = ray.put(mem.keys.numpy())
             vals_ref = ray.put([None if v is None else v.numpy() for v in mem.values])

@@ -780,6 +780,9 @@ def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list
     t2 = time.perf_counter()
     rows, tail = report["rows"], settings.tail
     if report["rows_scanned_per_query"] > settings.exact_above * m:  # as IVF: then exact is faster
+        from pairfree.ivf import exact_fallback
+
+        why = exact_fallback(n, m, report["rows_scanned_per_query"], settings, "the calibrated selection scores")
         if runner is not None:
             runner.exact(queries, keys, list(values), tau=tau, outs=outs, normalize=normalize, progress=progress,
                          dtype=dtype)
@@ -788,8 +791,7 @@ def grouped_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list
                       progress=progress, dtype=dtype)
         check.sink(check.ids, [torch.from_numpy(np.asarray(o[check.ids])) for o in outs])
         report.update({"ran": "exact", "work_fraction": 1.0, "cosine_to_exact": check.summary(),
-                       "why": f"the calibrated selection scores {report['rows_scanned_per_query'] / m:.0%} of the "
-                              f"memory per query (> exact_above = {settings.exact_above:.0%})",
+                       "why": why,
                        "seconds": {**report["seconds"], "grouping": round(t1 - t0, 3),
                                    "calibration": round(t2 - t1, 3), "aggregation": round(time.perf_counter() - t2, 3)}})
         return report

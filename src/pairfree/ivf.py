@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -536,6 +537,27 @@ def calibrate(mem: ProbedMemory, queries, tau: float, settings: IVFSettings) -> 
     return measure(ref, mem, choose_probes(ref, mem, tau, settings), tau)
 
 
+def exact_fallback(n: int, m: int, scanned: float, settings: IVFSettings, what: str = "the calibrated probes scan"
+                   ) -> str:
+    """Why an approximation runs exact instead (its calibrated work per query, `scanned` rows, is above
+    `exact_above`), for the report; and where exact takes hours (above `memory.AUTO_EXACT_PAIRS`), a
+    warning on the terminal that says what would make it approximate: at paper scale the default target
+    (dropped mass <= 1 %) needs ~75 % of the memory per query (docs/paper_scale.md), and a default run
+    would otherwise spend hours without a word."""
+    from pairfree.memory import AUTO_EXACT_PAIRS
+
+    why = f"{what} {scanned / m:.0%} of the memory per query (> exact_above = {settings.exact_above:.0%})"
+    if n * m > AUTO_EXACT_PAIRS:
+        if settings.min_cosine is None:
+            hint = ("to trade a measured cosine to exact for time instead, set min_cosine=0.999 with "
+                    "select='groups' (--aggregation-min-cosine 0.999 --aggregation-select groups)")
+        else:
+            hint = f"a lower min_cosine than {settings.min_cosine} scans less"
+        warnings.warn(f"aggregate(method='ivf'): {why}, so all {n:,} x {m:,} query x memory pairs run exact; {hint}",
+                      RuntimeWarning, stacklevel=3)
+    return why
+
+
 def ivf_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list[np.ndarray],
                   settings: IVFSettings | None = None, device: torch.device | None = None,
                   report: dict | None = None, normalize: bool = True, progress: bool | str = False,
@@ -572,12 +594,12 @@ def ivf_aggregate(queries, keys, values: Sequence, *, tau: float, outs: list[np.
         from pairfree.memory import aggregate
 
         del mem
+        why = exact_fallback(n, m, cal["rows_scanned_per_query"], settings)
         aggregate(queries, keys, list(values), tau=tau, device=dev, out=outs, normalize=normalize, progress=progress,
                   dtype=dtype)
         if report is not None:
             report.update({"lists": len(part.offsets) - 1, **cal, "ran": "exact", "work_fraction": 1.0,
-                           "why": f"the calibrated probes scan {cal['rows_scanned_per_query'] / m:.0%} of the memory "
-                                  f"(> exact_above = {settings.exact_above:.0%})",
+                           "why": why,
                            "seconds": {"partition": round(t1 - t0, 3), "calibration": round(t2 - t1, 3),
                                        "aggregation": round(time.perf_counter() - t2, 3)}})
         return
