@@ -1,5 +1,6 @@
-"""The GPU checks, one script: fused kernels, aggregation (exact and IVF), a training epoch slice,
-an encoder in fp16, and the IVF groups selector (last: the newest path) on CUDA, with the same ratio tables as on CPU. Run by benchmarks/gpu.sh.
+"""The GPU checks, one script: fused kernels, aggregation (exact and IVF lists), a training epoch slice,
+an encoder in fp16, and the IVF groups selector (last: the newest path) on CUDA, with the same ratio
+tables as on CPU. Run by benchmarks/gpu.sh.
 
     python benchmarks/gpu.py [--device cuda] [--memory 1300000] [--queries 65536] [--out runs/bench/gpu]
 
@@ -129,20 +130,25 @@ def aggregation(dev, n: int, m: int, rates: dict[str, float]) -> dict:
     return res
 
 
+@functools.cache
+def partition_cache() -> str:
+    """One folder for the run's k-means partitions: the lists and groups runs share the memory's."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="pairfree-gpu-")
+
+
 def approximate(dev, q: torch.Tensor, k: torch.Tensor, select: str) -> dict:
     """`method="ivf"` against exact on the hop: select="lists" (per-query probes) at 0.99 and 0.999,
     fp32 and bf16, or "groups" (one sampled row selection per group of nearby queries, what the
     paper-scale runs use) with its per-query error estimates and a 0.2 % exact redo, at 0.99 and
     0.999 in fp32 and in bf16 where bf16 is native (0.99 is what a CPU dry run's small sizes can run
     approximately). A run that fails is recorded and the next one runs."""
-    import tempfile
-
     from pairfree.devices import native_bf16
     from pairfree.ivf import IVFSettings
     from pairfree.memory import aggregate
 
     n, res = len(q), {}
-    cache = tempfile.mkdtemp(prefix="pairfree-gpu-")  # one partition for every target
     runs = {"lists": (("float32", 0.99), ("float32", 0.999), ("bfloat16", 0.999)),
             "groups": (("float32", 0.99), ("float32", 0.999)) + ((("bfloat16", 0.999),) if native_bf16(dev) else ())}
     for dt, target in runs[select]:
@@ -154,7 +160,7 @@ def approximate(dev, q: torch.Tensor, k: torch.Tensor, select: str) -> dict:
         t0 = time.perf_counter()
         try:
             aggregate(q, k, method="ivf", device=dev, dtype=dt, report=rep,
-                      ivf=IVFSettings(min_cosine=target, sample=1500, cache_dir=cache, **extra))
+                      ivf=IVFSettings(min_cosine=target, sample=1500, cache_dir=partition_cache(), **extra))
             sync(dev)
         except ImportError as e:  # no faiss: no partition for any of them
             print(f"ivf skipped: {e}", flush=True)
