@@ -222,6 +222,9 @@ def test_ivf_runs_exact_when_the_mass_is_spread(world, monkeypatch):
         out = aggregate(q, k, method="ivf", ivf=settings, report=rep)
     assert rep["ran"] == "exact" and "scan" in rep["why"]
     np.testing.assert_allclose(out, aggregate_dense(q, k), atol=1e-5)
+    # the accuracy stated is the run's (exact); what the probes would have given is kept apart
+    assert rep["cosine_to_exact"]["min"] == 1.0 and rep["dropped_mass"]["max"] == 0.0
+    assert rep["probes_measured"]["cosine_to_exact"]["mean"] < 1 and rep["probes_measured"]["dropped_mass"]["p99"] > 0
     monkeypatch.setattr(memory, "AUTO_EXACT_PAIRS", len(q) * len(k) - 1)
     with pytest.warns(RuntimeWarning, match=r"probes scan \d+% .*600 x .* run exact; .*min_cosine=0.999 with "
                                             r"select='groups' \(--aggregation-min-cosine 0.999"):
@@ -299,6 +302,11 @@ def test_ray_shards_equal_the_local_path(world, local_ray, tmp_path):
         assert rep["backend"] == "ray" and rep["shards"] == 2 and "ran" not in rep
         for a, b in zip(local, remote):
             np.testing.assert_allclose(b, a, atol=1e-6)
+    rep = {}  # calibrated probes that would scan more than exact_above: exact shards, reported as the local path
+    remote = aggregate(q, k, backend="ray", report=rep, method="ivf", ivf=IVFSettings(lists=40, exact_above=0.01))
+    assert rep["ran"] == "exact" and "scan" in rep["why"] and rep["cosine_to_exact"]["min"] == 1.0
+    assert rep["probes_measured"]["cosine_to_exact"]["mean"] < 1
+    np.testing.assert_allclose(remote, aggregate(q, k), atol=1e-6)
     first = cached_aggregate(tmp_path, q, k, backend="ray")
     rep = {}
     again = cached_aggregate(tmp_path, q, k, report=rep)  # local, same settings: a cache hit

@@ -369,7 +369,7 @@ def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, meth
     info["shards"] = len(bounds) - 1
     q = _array(queries)
     if method == "ivf":
-        from pairfree.ivf import IVFSettings, ProbedMemory, calibrate, cached_partition, exact_fallback
+        from pairfree.ivf import IVFSettings, ProbedMemory, calibrate, cached_partition, exact_fallback, ran_exact
 
         settings = ivf or IVFSettings()
         dev = torch.device("cpu")
@@ -377,12 +377,12 @@ def ray_aggregate(queries, keys, values=None, *, shards: int | None = None, meth
         part = cached_partition(keys, settings.n_lists(m), settings, dev)
         mem = ProbedMemory(keys, vals, part, dev, dt)
         cal = calibrate(mem, queries, kwargs.get("tau", 0.01), settings)
-        info.update({"lists": len(part.offsets) - 1, **cal})
+        info["lists"] = len(part.offsets) - 1
         if cal["rows_scanned_per_query"] > settings.exact_above * m:  # as the local path: exact is faster
             method = "exact"
-            info.update({"ran": "exact", "work_fraction": 1.0,
-                         "why": exact_fallback(n, m, cal["rows_scanned_per_query"], settings)})
+            info.update({**ran_exact(cal), "why": exact_fallback(n, m, cal["rows_scanned_per_query"], settings)})
         else:
+            info.update(cal)
             keys_ref = ray.put(mem.keys.numpy())
             vals_ref = ray.put([None if v is None else v.numpy() for v in mem.values])
             task = ray.remote(_ivf_shard)
