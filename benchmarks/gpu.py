@@ -280,7 +280,47 @@ def main() -> None:
             result[name] = {"failed": f"{type(e).__name__}: {e}"}
         print(f"[{name}: {time.perf_counter() - t0:.1f} s]", flush=True)
         (out / "gpu.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out / 'gpu.json'}")
+    text = tables(result)
+    (out / "gpu.md").write_text(text)
+    print("\n" + text + f"\nwrote {out / 'gpu.json'} and {out / 'gpu.md'}")
+
+
+def tables(result: dict) -> str:
+    """The run as the README's markdown tables: each kernel and dtype against its GEMM rate, each IVF
+    run's work and cosine to exact, each training precision against its GEMM rate."""
+    lines = [f"{result['device']}, torch {result['torch']}, {result['date']}; GEMM GFLOP/s: {result['gemm_gflops']}"]
+    lines += [f"{part} failed: {result[part]['failed']}" for part in ("aggregation", "training", "encoder", "groups")
+              if "failed" in result.get(part, {})]
+    lines += ["",
+             "| aggregation (exact) | GFLOP/s | ratio to GEMM | cosine to fp32: min | one leaf's pseudo data exact |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    agg = result.get("aggregation", {})
+    for name, r in agg.items():
+        if "/" in name:
+            lines.append(f"| {name} | " + (f"failed: {r['failed']} | | | |" if "failed" in r else
+                                           f"{r['gflops']} | {r['ratio_to_gemm']:.2f} | {r['cos_min']:.6f} | "
+                                           f"{r['paper_leaf_exact_min']} min |"))
+    lines += ["", "| aggregation (IVF) | work (share of exact's) | cosine to exact: mean / 1st pct / min | s |",
+              "| --- | ---: | ---: | ---: |"]
+    for name, r in {**agg, **result.get("groups", {})}.items():
+        if name.startswith("ivf "):
+            if "failed" in r:
+                lines.append(f"| {name} | failed: {r['failed']} | | |")
+                continue
+            c = r["cosine_to_exact"]
+            lines.append(f"| {name}{' (ran exact)' if r.get('ran') else ''} | {r.get('work_fraction', 1):.3f} | "
+                         f"{c['mean']:.5f} / {c['p1']:.4f} / {c['min']:.4f} | {r['wall_s']} |")
+    lines += ["", "| training (Ex-MCR step) | s / step | GFLOP/s | ratio to GEMM | 5.41M-tuple epoch, s |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for name, r in result.get("training", {}).items():
+        if isinstance(r, dict):
+            lines.append(f"| {name}, batch {r['batch']} | {r['s_per_step']} | {r['gflops']} | {r['ratio_to_gemm']:.2f} | "
+                         f"{r['epoch_s_5.41M']} |")
+    enc = result.get("encoder", {})
+    if "float16" in enc:
+        lines += ["", f"encoder (tiny hf-clip): {enc['float32']['texts_per_s']} texts/s fp32, "
+                      f"{enc['float16']['texts_per_s']} fp16, fp16 cosine to fp32 >= {enc['fp16_cos_to_fp32_min']:.5f}"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ def test_gpu_script_runs_every_part_on_a_cpu(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads((out / "gpu.json").read_text())
+    # the README's tables, printed and written: a row per kernel and dtype, IVF run and training precision
+    tables = (out / "gpu.md").read_text()
+    assert tables in run.stdout and "| sdpa/float32 |" in tables and "| ivf float32 cos>=0.99 groups |" in tables
+    assert "| fp32, batch 512 |" in tables and "failed" not in tables
     for part in ("aggregation", "training", "encoder", "groups"):
         assert "failed" not in res[part] and "skipped" not in res[part], (part, res[part], run.stderr[-3000:])
     assert all(res["gemm_gflops"][dt] > 0 for dt in ("float32", "float16", "bfloat16"))
