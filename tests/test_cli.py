@@ -103,3 +103,21 @@ def test_every_commands_help_renders(capsys):
             main([name, "--help"])
         assert done.value.code == 0, name
         assert "usage: pairfree" in capsys.readouterr().out
+
+
+def test_fit_prints_the_measured_accuracy_of_approximate_pseudo_pairs(files, capsys):
+    """An approximate aggregation's measured cosine to exact is shown on the terminal, one line per hop
+    (the same figures as the model's report); exact hops print nothing."""
+    import json
+
+    assert main(fit_args(files, files / "exact", "--epochs", "1")) == 0
+    assert "cosine to exact" not in capsys.readouterr().out
+    assert main(fit_args(files, files / "ivf", "--epochs", "1", "--aggregation", "ivf",
+                         "--aggregation-min-cosine", "0.99")) == 0
+    out = capsys.readouterr().out
+    reports = json.loads((files / "ivf" / "model" / "config.json").read_text())["aggregation"]
+    assert len(reports) == 2 and "cosine to exact: mean / 1st pct / min" in out
+    for hop, r in reports.items():
+        c = r["cosine_to_exact"]
+        line = next(x for x in out.splitlines() if x.startswith(hop))
+        assert "ivf" in line and f"{c['mean']:.5f} / {c['p1']:.4f} / {c['min']:.4f}" in line, (line, r)

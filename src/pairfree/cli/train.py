@@ -84,8 +84,42 @@ class RunFolder:
     def finish(self, model, summary: str) -> int:
         model.save(self.out / "model")
         write_json(self.out / "history.json", model.history)
+        table = aggregation_table(getattr(model, "aggregation", {}))
+        if table:
+            print(table)
         print(f"saved {self.out / 'model'}  ({summary})")
         return 0
+
+
+def _hop_reports(reports: dict, prefix: str = "") -> list[tuple[str, dict]]:
+    """(hop, report) pairs of a model's `aggregation` ({hop: report}, or per leaf {leaf: {hop: report}})."""
+    out = []
+    for name, r in reports.items():
+        if isinstance(r, dict) and "method" in r:
+            out.append((prefix + name, r))
+        elif isinstance(r, dict):
+            out += _hop_reports(r, f"{prefix}{name} ")
+    return out
+
+
+def aggregation_table(reports: dict) -> str | None:
+    """The approximate hops of a fit, one line each: what ran, its share of exact's work and its measured
+    cosine to exact (mean / 1st percentile / min over the check queries). None when every hop ran exact:
+    a paper-scale run should show its accuracy on the terminal, not only in the model's config.json."""
+    hops = [(h, r) for h, r in _hop_reports(reports) if r.get("method") not in ("exact", None)]
+    if not hops:
+        return None
+    width = max(len(h) for h, _ in hops)
+    lines = [f"{'pseudo pairs':{width}s}  {'method':20s}  {'work':>6s}  cosine to exact: mean / 1st pct / min"]
+    for hop, r in hops:
+        what = r["method"] + (f" {r['select']}" if r.get("select") else "") + (" -> exact" if r.get("ran") else "")
+        what += " (cached)" if r.get("cached") else ""
+        c = r.get("cosine_to_exact")
+        acc = f"{c['mean']:.5f} / {c['p1']:.4f} / {c['min']:.4f}" if c else "-"
+        if r.get("redo"):
+            acc += f"  ({r['redo']['queries']} redone exactly)"
+        lines.append(f"{hop:{width}s}  {what:20s}  {100 * r.get('work_fraction', 1):5.1f}%  {acc}")
+    return "\n".join(lines)
 
 
 def _header(args: argparse.Namespace, command: str) -> str:
