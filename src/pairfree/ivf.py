@@ -17,7 +17,8 @@ memory with CLIP-like cross-modal score statistics (mean 0.17, standard deviatio
 not: the 0.07 % best rows carry half the mass, 90 % needs 2.6 % of the rows and 99 % needs 18 %
 (the paper-scale world, docs/paper_scale.md). Then the calibration asks for most lists, and when the probes
 would scan more than `exact_above` of the memory the exact fused kernel runs instead (it is
-faster than scanning lists). Use `min_cosine` to trade accuracy for time explicitly.
+faster than scanning lists; the report then states exact's accuracy and keeps the probes' apart, and
+above `memory.AUTO_EXACT_PAIRS` a warning says so). Use `min_cosine` to trade accuracy for time explicitly.
 
 How far from the best: `oracle_rows` measures the rows a perfect selector would score (the largest
 softmax weights, found for free). The aggregate's direction rests on few rows (0.01-0.02 % of the
