@@ -278,7 +278,8 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - reported in the JSON and on stderr, the run goes on
             traceback.print_exc()
             result[name] = {"failed": f"{type(e).__name__}: {e}"}
-        print(f"[{name}: {time.perf_counter() - t0:.1f} s]", flush=True)
+        result.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)  # for sizing the next device run
+        print(f"[{name}: {result['seconds'][name]} s]", flush=True)
         (out / "gpu.json").write_text(json.dumps(result, indent=1) + "\n")
     text = tables(result)
     (out / "gpu.md").write_text(text)
@@ -291,6 +292,7 @@ def tables(result: dict) -> str:
     lines = [f"{result['device']}, torch {result['torch']}, {result['date']}; GEMM GFLOP/s: {result['gemm_gflops']}"]
     lines += [f"{part} failed: {result[part]['failed']}" for part in ("aggregation", "training", "encoder", "groups")
               if "failed" in result.get(part, {})]
+    lines.append("seconds per part: " + ", ".join(f"{k} {v}" for k, v in result.get("seconds", {}).items()))
     lines += ["",
              "| aggregation (exact) | GFLOP/s | ratio to GEMM | cosine to fp32: min | one leaf's pseudo data exact |",
              "| --- | ---: | ---: | ---: | ---: |"]

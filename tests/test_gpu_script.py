@@ -22,6 +22,7 @@ def test_gpu_script_runs_every_part_on_a_cpu(tmp_path):
     tables = (out / "gpu.md").read_text()
     assert tables in run.stdout and "| sdpa/float32 |" in tables and "| ivf float32 cos>=0.99 groups |" in tables
     assert "| fp32, batch 512 |" in tables and "failed" not in tables
+    assert set(res["seconds"]) == {"aggregation", "training", "encoder", "groups"} and "seconds per part" in tables
     for part in ("aggregation", "training", "encoder", "groups"):
         assert "failed" not in res[part] and "skipped" not in res[part], (part, res[part], run.stderr[-3000:])
     assert all(res["gemm_gflops"][dt] > 0 for dt in ("float32", "float16", "bfloat16"))
