@@ -1,6 +1,6 @@
 """The GPU checks, one script: fused kernels, aggregation (exact and IVF lists), a training epoch slice,
-an encoder in fp16, and the IVF groups selector (last: the newest path) on CUDA, with the same ratio
-tables as on CPU. Run by benchmarks/gpu.sh.
+an encoder in fp16, and the IVF groups selector (last: the newest path; its row selection timed against
+topk) on CUDA, with the same ratio tables as on CPU. Run by benchmarks/gpu.sh.
 
     python benchmarks/gpu.py [--device cuda] [--memory 1300000] [--queries 65536] [--out runs/bench/gpu]
 
@@ -178,6 +178,23 @@ def approximate(dev, q: torch.Tensor, k: torch.Tensor, select: str) -> dict:
     return res
 
 
+def row_selection(dev, q: torch.Tensor, k: torch.Tensor, batch: int = 64) -> dict:
+    """`grouped.top_rows` against a plain `topk` on one batch of group means' scores, as the groups'
+    pass selects (8,192 and 16,384 rows: the paper-scale hops' range), with the batch's score GEMM for
+    scale. top_rows' threshold trick and its loop over rows (one sync per row on CUDA) were measured on
+    CPUs only, where it is 2x faster than topk; this says whether a GPU should keep it."""
+    from pairfree.grouped import top_rows
+
+    s = q[:batch] @ k.T
+    res = {"means": len(s), "memory": k.shape[0], "score_gemm_ms": round(1e3 * timed(lambda: q[:batch] @ k.T, dev), 2)}
+    for rows in (8192, 16384):
+        r = min(rows, k.shape[0] // 4)  # a dry run's small memory
+        res[str(r)] = {"top_rows_ms": round(1e3 * timed(lambda: top_rows(s, r), dev), 2),
+                       "topk_ms": round(1e3 * timed(lambda: s.topk(r, dim=1, sorted=False), dev), 2)}
+    print(f"row selection, {len(s)} means x {k.shape[0]} rows: {res}", flush=True)
+    return res
+
+
 def training(dev, steps: int, rates: dict[str, float], batch: int = 4096) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -242,6 +259,14 @@ def encoder(dev, tmp: Path) -> dict:
     return out
 
 
+def groups(dev, q: torch.Tensor, k: torch.Tensor) -> dict:
+    try:
+        selection = row_selection(dev, q, k)
+    except Exception as e:  # noqa: BLE001 - a side measurement must not cost the selector's runs
+        selection = {"failed": f"{type(e).__name__}: {e}"}
+    return {**approximate(dev, q, k, "groups"), "selection": selection}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -270,7 +295,7 @@ def main() -> None:
              "training": lambda: training(dev, args.train_steps, rates, args.train_batch),
              "encoder": lambda: encoder(dev, out),
              # last: the newest path, so that a timeout or a failure there costs no other part
-             "groups": lambda: approximate(dev, *hop_rows(dev, args.queries, args.memory), "groups")}
+             "groups": lambda: groups(dev, *hop_rows(dev, args.queries, args.memory))}
     for name, part in parts.items():
         t0 = time.perf_counter()
         try:
@@ -318,6 +343,12 @@ def tables(result: dict) -> str:
         if isinstance(r, dict):
             lines.append(f"| {name}, batch {r['batch']} | {r['s_per_step']} | {r['gflops']} | {r['ratio_to_gemm']:.2f} | "
                          f"{r['epoch_s_5.41M']} |")
+    sel = result.get("groups", {}).get("selection", {})
+    if "score_gemm_ms" in sel:
+        lines += ["", f"row selection, {sel['means']} means x {sel['memory']} rows (their score GEMM "
+                      f"{sel['score_gemm_ms']} ms): " + "; ".join(
+                          f"{r} rows: top_rows {v['top_rows_ms']} ms, topk {v['topk_ms']} ms"
+                          for r, v in sel.items() if isinstance(v, dict))]
     enc = result.get("encoder", {})
     if "float16" in enc:
         lines += ["", f"encoder (tiny hf-clip): {enc['float32']['texts_per_s']} texts/s fp32, "

@@ -46,6 +46,10 @@ def test_gpu_script_runs_every_part_on_a_cpu(tmp_path):
     # select="groups" (its own part, the last) runs for real too, with each query's error estimate and the
     # exact redo of the largest; bf16 is in software here: left to a device that has it
     groups = res["groups"]
+    selection = groups.pop("selection")  # top_rows against topk on one batch of means, for a GPU to decide
+    assert selection["means"] == 64 and selection["memory"] == 8000 and selection["score_gemm_ms"] > 0, selection
+    assert all(selection["2000"][t] > 0 for t in ("top_rows_ms", "topk_ms")), selection
+    assert "row selection, 64 means x 8000 rows" in tables
     assert set(groups) == {"ivf float32 cos>=0.99 groups", "ivf float32 cos>=0.999 groups"}, groups
     assert groups["ivf float32 cos>=0.999 groups"]["cosine_to_exact"]["mean"] >= 0.998, groups
     sampled = groups["ivf float32 cos>=0.99 groups"]
